@@ -1,0 +1,1 @@
+"""Backends implement `dgemma.backend.Backend`; they are imported lazily by name (see dgemma.backend)."""

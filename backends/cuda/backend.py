@@ -1,0 +1,200 @@
+"""The PyTorch backend (`--backend cuda`): CUDA GPUs from RTX to Blackwell, and the CPU (where the tests run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dgemma.backend import Backend
+from dgemma.checkpoint import Checkpoint
+from dgemma.errors import BackendUnavailable, CheckpointError, InputError
+
+from .model import DiffusionGemmaText, KVState, expected_shapes, sanitize
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class TorchOps:
+    """The sampler's array primitives on torch tensors (reductions over the last dim)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def from_numpy(self, x):
+        return torch.as_tensor(np.asarray(x)).to(self.device, non_blocking=True)
+
+    def to_numpy(self, x):
+        return x.detach().cpu().numpy()
+
+    def log_softmax(self, x):
+        return torch.log_softmax(x, dim=-1)
+
+    def exp(self, x):
+        return torch.exp(x)
+
+    def sum(self, x):
+        return x.sum(-1)
+
+    def mean(self, x):
+        return x.mean(-1)
+
+    def argmax(self, x):
+        return x.argmax(-1)
+
+    def sort(self, x):
+        return torch.sort(x, dim=-1)
+
+    def cumsum(self, x):
+        return torch.cumsum(x, dim=-1)
+
+    def scatter(self, index, src):
+        return torch.zeros_like(src).scatter(-1, index, src)
+
+    def where(self, cond, a, b):
+        return torch.where(cond, a, b)
+
+    def clamp_min(self, x, value):
+        return torch.clamp(x, min=value)
+
+    def all_equal(self, a, b):
+        return (a == b).all(-1)
+
+    def logical_and(self, a, b):
+        return a & b
+
+    def full(self, shape, value, like):
+        return torch.full(shape, value, device=like.device)
+
+    def stack_rows(self, rows):
+        return torch.stack(rows)
+
+    def sample_categorical(self, probs, uniforms):
+        cdf = torch.cumsum(probs, dim=-1)
+        target = (uniforms * cdf[..., -1]).unsqueeze(-1).to(cdf.dtype)
+        idx = torch.searchsorted(cdf.contiguous(), target.contiguous()).squeeze(-1)
+        return idx.clamp_(max=probs.shape[-1] - 1)
+
+
+class TorchRowNoise:
+    """One request's randomness from a torch.Generator on the model's device (no host round-trip)."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.gen = torch.Generator(device=device).manual_seed(int(seed))
+        self.device = device
+
+    def tokens(self, block, step, n, vocab_size):
+        return torch.randint(0, vocab_size, (n,), generator=self.gen, device=self.device)
+
+    def uniforms(self, block, step, n):
+        return torch.rand(n, generator=self.gen, device=self.device)
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BackendUnavailable(f"--device {device!r} is not a torch device (try cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"--device {device}: this PyTorch build has no CUDA GPU available")
+    return dev
+
+
+class TorchBackend(Backend):
+    name = "cuda"
+
+    def __init__(self, checkpoint: Checkpoint, dtype: str | None = None, device: str | None = None,
+                 progress: bool = False):
+        self.checkpoint = checkpoint
+        self.config = cfg = checkpoint.config
+        self.device = pick_device(device)
+        name = dtype or cfg.dtype
+        if name not in DTYPES:
+            raise InputError(f"--dtype {name!r} is not supported; choose float32, bfloat16 or float16")
+        self.dtype = DTYPES[name]
+        with torch.device("meta"):
+            model = DiffusionGemmaText(cfg).to(self.dtype)
+        model.to_empty(device=self.device)  # allocate straight in the target dtype: never a float32 copy of it all
+        self._load_weights(model, progress)
+        self.model = model.eval()
+        self.ops = TorchOps(self.device)
+
+    def _load_weights(self, model: DiffusionGemmaText, progress: bool) -> None:
+        cfg = self.config
+        want = expected_shapes(cfg)
+        params = dict(model.named_parameters())
+        params.update(dict(model.named_buffers()))
+        seen: set[str] = set()
+        names = [n for n in self.checkpoint.tensors if sanitize(n) in want]
+        it = self.checkpoint.iter_tensors("pt", set(names))
+        bar = tqdm(it, total=len(names), desc="loading weights", unit="tensor", disable=not progress, leave=False)
+        with torch.no_grad():
+            for hf_name, tensor in bar:
+                ours = sanitize(hf_name)
+                if tuple(tensor.shape) != want[ours]:
+                    raise CheckpointError(
+                        f"{self.checkpoint.tensors[hf_name].file}: tensor {hf_name} has shape {tuple(tensor.shape)}, "
+                        f"the config implies {want[ours]}"
+                    )
+                target = params[ours]
+                target.copy_(tensor.to(self.device, dtype=target.dtype))
+                seen.add(ours)
+        missing = sorted(set(want) - seen - {n for n in want if n.endswith("encoder_layer_scalar")})
+        if missing:
+            raise CheckpointError(f"{self.checkpoint.path}: checkpoint lacks tensor(s) {', '.join(missing[:3])}"
+                                  + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+        for i, layer in enumerate(model.layers):  # no separate encoder copy stored: share the decoder's value
+            if f"layers.{i}.encoder_layer_scalar" not in seen:
+                layer.encoder_layer_scalar.copy_(layer.layer_scalar)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.reset_rope()  # computed, not loaded; float32 whatever the weights' dtype
+
+    # -- the backend interface ---------------------------------------------------------------------------------
+    def _ids(self, x, what: str) -> torch.Tensor:
+        t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+        if t.dtype == torch.bool or t.is_floating_point():
+            raise InputError(f"{what} must be integer token ids")
+        if t.ndim == 1:
+            t = t[None]
+        if t.ndim != 2:
+            raise InputError(f"{what} must be [batch, length] token ids")
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.config.vocab_size):
+            raise InputError(f"{what} holds a token id outside the vocabulary [0, {self.config.vocab_size})")
+        return t.to(self.device, torch.long)
+
+    @torch.inference_mode()
+    def prefill(self, token_ids, attention_mask=None) -> KVState:
+        ids = self._ids(token_ids, "token_ids")
+        if attention_mask is None:
+            valid = torch.ones_like(ids, dtype=torch.bool)
+        else:
+            valid = torch.as_tensor(np.asarray(attention_mask) if not isinstance(attention_mask, torch.Tensor)
+                                    else attention_mask).to(self.device).bool().reshape(ids.shape)
+        return self.model.encode(ids, valid, None)
+
+    @torch.inference_mode()
+    def denoise(self, state: KVState, canvas_ids, self_conditioning_logits=None, *, self_conditioning_probs=None):
+        canvas = self._ids(canvas_ids, "canvas_ids")
+        probs = self_conditioning_probs
+        if probs is None and self_conditioning_logits is not None:
+            sc = torch.as_tensor(self_conditioning_logits).to(self.device)
+            # The reference hands the decoder the logits cast to the embedding dtype, then softmaxes in float32.
+            probs = torch.softmax(sc.to(self.dtype), dim=-1, dtype=torch.float32)
+        return self.model.decode(canvas, state, probs)
+
+    @torch.inference_mode()
+    def commit(self, state: KVState, canvas_ids) -> None:
+        canvas = self._ids(canvas_ids, "canvas_ids")
+        new = self.model.encode(canvas, torch.ones_like(canvas, dtype=torch.bool), state)
+        state.keys, state.values, state.valid, state.length = new.keys, new.values, new.valid, new.length
+        state.has_padding = new.has_padding
+
+    def row_noise(self, seed: int) -> TorchRowNoise:
+        return TorchRowNoise(seed, self.device)
+
+    def describe(self) -> str:
+        return f"cuda backend (PyTorch {torch.__version__}, {self.device}, {str(self.dtype).replace('torch.', '')})"

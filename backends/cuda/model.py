@@ -1,0 +1,400 @@
+"""DiffusionGemma's text backbone in PyTorch: one file, the encoder and decoder passes over shared weights.
+
+Weight names follow the checkpoint's decoder (`sanitize()` maps the Hugging Face names onto them). Numerics follow
+transformers' reference op for op where it matters for parity (float32 RMSNorm via pow(-0.5), float32 router softmax,
+float32 RoPE tables cast to the activations' dtype, float32 soft-capped logits).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgemma.config import LayerSpec, ModelConfig
+
+
+def sanitize(name: str) -> str | None:
+    """Map a Hugging Face checkpoint tensor name onto this module's names; None for tensors we do not use."""
+    if name.startswith("model.decoder."):
+        return name[len("model.decoder."):]
+    m = re.fullmatch(r"model\.encoder\.language_model\.layers\.(\d+)\.layer_scalar", name)
+    if m:
+        # A buffer, so the reference does not tie it: the encoder keeps its own copy.
+        return f"layers.{m.group(1)}.encoder_layer_scalar"
+    # Tied copies of decoder weights, the LM head (tied to the embedding) and the vision tower (not supported).
+    return None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
+    if weight is not None:
+        h = h * weight.float()
+    return h.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def rope_inv_freq(spec: LayerSpec, factor: float = 1.0) -> torch.Tensor:
+    if spec.rope_type == "proportional":
+        angles = int(spec.partial_rotary_factor * spec.head_dim // 2)
+        rot = 1.0 / (spec.rope_theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / spec.head_dim))
+        inv = torch.cat([rot, torch.zeros(spec.head_dim // 2 - angles)]) if spec.head_dim // 2 > angles else rot
+        return inv / factor
+    dim = int(spec.head_dim * spec.partial_rotary_factor)
+    return 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope_inv_freqs(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    factors = {kind: float((params or {}).get("factor", 1.0))
+               for kind, params in (cfg.raw.get("text_config", {}).get("rope_parameters") or {}).items()}
+    out = {}
+    for spec in cfg.layers:
+        key = "sliding" if spec.sliding else "full"
+        if key not in out:
+            out[key] = rope_inv_freq(spec, factors.get(f"{key}_attention", 1.0))
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        h, d, nq, nkv = cfg.hidden_size, spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads
+        self.head_dim, self.n_heads, self.n_kv = d, nq, nkv
+        self.sliding = spec.sliding
+        self.q_proj = nn.Linear(h, nq * d, bias=False)
+        self.k_proj = nn.Linear(h, nkv * d, bias=False)
+        # Full-attention layers have no v_proj: values are the k projection before its norm and RoPE.
+        self.v_proj = nn.Linear(h, nkv * d, bias=False) if spec.sliding else None
+        self.o_proj = nn.Linear(nq * d, h, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.eps = cfg.rms_norm_eps
+
+    def project(self, x, cos, sin):
+        """q [B, Hq, T, D], k and v [B, Hkv, T, D] for the tokens in x."""
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
+        k_raw = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
+        k = self.k_norm(k_raw)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        v = rms_norm(v, None, self.eps)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend(self, q, k, v, mask):
+        B, _, T, _ = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+        self.root = cfg.hidden_size**-0.5
+        self.eps = cfg.rms_norm_eps
+        self.top_k = cfg.top_k_experts
+
+    def forward(self, x):
+        h = rms_norm(x, None, self.eps) * self.scale * self.root
+        probs = torch.softmax(self.proj(h), dim=-1, dtype=torch.float32)
+        w, idx = torch.topk(probs, k=self.top_k, dim=-1)
+        w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.per_expert_scale[idx], idx
+
+
+class Experts(nn.Module):
+    """Packed experts: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
+
+    Tokens are sorted by expert once, so each expert runs one matmul on a contiguous slice (grouped work). On CUDA
+    with bf16, `torch._grouped_mm` runs all experts in one kernel when it is available (checked at first use).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.num_experts = E
+
+    def forward(self, x, weights, idx):
+        N, H = x.shape
+        k = idx.shape[1]
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // k
+        xs = x.index_select(0, token)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        if _grouped_mm_ok(xs):
+            ys = _grouped_experts(xs, counts, self.gate_up_proj, self.down_proj)
+        else:
+            ys = torch.empty_like(xs)
+            bounds = [0] + torch.cumsum(counts, 0).tolist()
+            for e in range(self.num_experts):
+                a, b = bounds[e], bounds[e + 1]
+                if a == b:
+                    continue
+                gate, up = F.linear(xs[a:b], self.gate_up_proj[e]).chunk(2, dim=-1)
+                ys[a:b] = F.linear(gelu_tanh(gate) * up, self.down_proj[e])
+        ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+
+_GROUPED_MM_STATE: dict = {}
+
+
+def _grouped_experts(xs, counts, gate_up, down):
+    offs = torch.cumsum(counts, 0).to(torch.int32)
+    h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)
+    gate, up = h.chunk(2, dim=-1)
+    return torch._grouped_mm(gelu_tanh(gate) * up, down.transpose(1, 2), offs=offs)
+
+
+def _grouped_mm_ok(xs) -> bool:
+    """Use torch._grouped_mm only on CUDA bf16 and only once it has matched the per-expert loop on this device."""
+    if xs.device.type != "cuda" or xs.dtype != torch.bfloat16 or not hasattr(torch, "_grouped_mm"):
+        return False
+    key = str(xs.device)
+    if key not in _GROUPED_MM_STATE:
+        try:
+            g = torch.Generator(device=xs.device).manual_seed(0)
+            E, H, I, n = 4, 64, 32, 40
+            x = torch.randn(n, H, device=xs.device, generator=g).bfloat16()
+            gu = torch.randn(E, 2 * I, H, device=xs.device, generator=g).bfloat16() / 8
+            dn = torch.randn(E, H, I, device=xs.device, generator=g).bfloat16() / 8
+            counts = torch.tensor([10, 0, 25, 5], device=xs.device)
+            got = _grouped_experts(x, counts, gu, dn).float()
+            want, a = [], 0
+            for e, c in enumerate(counts.tolist()):
+                gate, up = F.linear(x[a:a + c], gu[e]).chunk(2, dim=-1)
+                want.append(F.linear(gelu_tanh(gate) * up, dn[e]))
+                a += c
+            want = torch.cat(want).float()
+            _GROUPED_MM_STATE[key] = bool(((got - want).abs().max() <= 0.05 * want.abs().max() + 1e-3).item())
+        except Exception:  # missing kernel for this GPU/arch: keep the loop
+            _GROUPED_MM_STATE[key] = False
+    return _GROUPED_MM_STATE[key]
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, h: int, i: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.spec = spec
+        self.self_attn = Attention(cfg, spec)
+        self.mlp = DenseMLP(h, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = Experts(cfg)
+        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
+                     "pre_feedforward_layernorm_2"):
+            setattr(self, name, RMSNorm(h, eps))
+        # Buffers in the reference, so the encoder's and the decoder's copies are stored (and may differ).
+        self.register_buffer("layer_scalar", torch.ones(1))
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))
+
+    def feed_forward(self, x, scalar):
+        residual = x
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        flat = residual.reshape(-1, residual.shape[-1])
+        w, idx = self.router(flat)  # routes on the raw residual
+        moe = self.experts(self.pre_feedforward_layernorm_2(flat), w, idx).reshape(residual.shape)
+        moe = self.post_feedforward_layernorm_2(moe)
+        return (residual + self.post_feedforward_layernorm(dense + moe)) * scalar
+
+
+@dataclass
+class KVState:
+    """Per-layer keys/values the decoder reads: sliding layers keep the last window-1 positions (as the reference's
+    cache does), full layers keep everything. `valid` marks real (non-pad) positions over the whole sequence."""
+
+    keys: list
+    values: list
+    valid: torch.Tensor       # [B, length] bool
+    length: int               # positions consumed so far (left pads included, as the reference counts them)
+    has_padding: bool
+
+    def key_mask(self, layer_len: int):
+        return self.valid[:, self.length - layer_len:]
+
+
+class DiffusionGemmaText(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, h)
+        self.layers = nn.ModuleList(Layer(cfg, spec) for spec in cfg.layers)
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.self_conditioning = nn.Module()
+        self.self_conditioning.pre_norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.self_conditioning.gate_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.self_conditioning.up_proj = nn.Linear(h, cfg.intermediate_size, bias=False)
+        self.self_conditioning.down_proj = nn.Linear(cfg.intermediate_size, h, bias=False)
+        inv = rope_inv_freqs(cfg)
+        self.register_buffer("inv_freq_sliding", inv.get("sliding", torch.zeros(1)), persistent=False)
+        self.register_buffer("inv_freq_full", inv.get("full", torch.zeros(1)), persistent=False)
+
+    def reset_rope(self) -> None:
+        """Recompute the RoPE frequencies in float32 (after building on the meta device or casting the model)."""
+        inv = rope_inv_freqs(self.cfg)
+        dev = self.embed_tokens.weight.device
+        self.inv_freq_sliding = inv.get("sliding", torch.zeros(1)).to(dev)
+        self.inv_freq_full = inv.get("full", torch.zeros(1)).to(dev)
+
+    # -- pieces -----------------------------------------------------------------------------------------------
+    def embed(self, ids):
+        w = self.embed_tokens.weight
+        return F.embedding(ids, w) * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(w.dtype)
+
+    def rope(self, positions: torch.Tensor, dtype):
+        out = {}
+        for key, inv in (("sliding", self.inv_freq_sliding), ("full", self.inv_freq_full)):
+            f = positions[None, :, None].float() * inv.float()[None, None, :]
+            emb = torch.cat((f, f), dim=-1)
+            out[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return out
+
+    def logits(self, h):
+        x = F.linear(h, self.embed_tokens.weight).float()
+        cap = self.cfg.final_logit_softcapping
+        if cap is not None:
+            x = torch.tanh(x / cap) * cap
+        return x
+
+    # -- encoder: causal, writes the cache ---------------------------------------------------------------------
+    def encode(self, ids: torch.Tensor, valid: torch.Tensor, state: KVState | None) -> KVState:
+        B, T = ids.shape
+        dev = ids.device
+        start = 0 if state is None else state.length
+        all_valid = valid if state is None else torch.cat([state.valid, valid], dim=1)
+        has_padding = bool((~all_valid).any().item()) if state is None else (state.has_padding or not bool(valid.all()))
+        x = self.embed(ids)
+        pos = torch.arange(start, start + T, device=dev)
+        tables = self.rope(pos, x.dtype)
+        keys, values = [], []
+        W = self.cfg.sliding_window
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            spec = layer.spec
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            cos, sin = tables["sliding" if spec.sliding else "full"]
+            q, k, v = attn.project(h, cos, sin)
+            if state is not None:
+                k = torch.cat([state.keys[i], k], dim=2)
+                v = torch.cat([state.values[i], v], dim=2)
+            L = k.shape[2]
+            kpos = torch.arange(start + T - L, start + T, device=dev)
+            allowed = kpos[None, :] <= pos[:, None]
+            if spec.sliding:
+                allowed = allowed & (pos[:, None] - kpos[None, :] < W)
+            allowed = allowed[None, None] & all_valid[:, None, None, start + T - L:]
+            # Pad queries attend to themselves so no row of the mask is empty (an empty row would give NaN).
+            allowed = allowed | (kpos[None, :] == pos[:, None])[None, None]
+            keep = min(L, W - 1) if spec.sliding else L
+            keys.append(k[:, :, L - keep:].contiguous())
+            values.append(v[:, :, L - keep:].contiguous())
+            if i == n - 1:
+                break  # the last layer's output feeds nothing the decoder reads: only its keys/values are kept
+            a = attn.attend(q, k, v, allowed)
+            x = x + layer.post_attention_layernorm(a)
+            x = layer.feed_forward(x, layer.encoder_layer_scalar)
+        return KVState(keys, values, all_valid, start + T, has_padding)
+
+    # -- decoder: bidirectional over [cache ; canvas], reads the cache ----------------------------------------
+    def decode(self, canvas: torch.Tensor, state: KVState, sc_probs: torch.Tensor | None = None) -> torch.Tensor:
+        B, C = canvas.shape
+        dev = canvas.device
+        x = self.embed(canvas)
+        sc = self.self_conditioning
+        if sc_probs is not None:
+            w = self.embed_tokens.weight
+            soft = torch.matmul(sc_probs.to(w.dtype), w) * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(x.dtype)
+            s = sc.pre_norm(soft)
+            x = x + sc.down_proj(gelu_tanh(sc.gate_proj(s)) * sc.up_proj(s))
+        # With no previous logits the signal is exactly zero (MLP of a zero vector), so it is skipped.
+        x = rms_norm(x, None, self.cfg.rms_norm_eps)
+        pos = torch.arange(state.length, state.length + C, device=dev)
+        tables = self.rope(pos, x.dtype)
+        for i, layer in enumerate(self.layers):
+            spec = layer.spec
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            cos, sin = tables["sliding" if spec.sliding else "full"]
+            q, k, v = attn.project(h, cos, sin)
+            ck, cv = state.keys[i], state.values[i]
+            k = torch.cat([ck, k], dim=2)
+            v = torch.cat([cv, v], dim=2)
+            mask = None
+            if state.has_padding:
+                kv = state.key_mask(ck.shape[2])
+                mask = torch.cat([kv, torch.ones(B, C, dtype=torch.bool, device=dev)], dim=1)[:, None, None, :]
+            a = attn.attend(q, k, v, mask)
+            x = x + layer.post_attention_layernorm(a)
+            x = layer.feed_forward(x, layer.layer_scalar)
+        return self.logits(self.norm(x))
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor this model needs, by its sanitized name, with its shape from the config."""
+    H, V, I = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    E, MI = cfg.num_experts, cfg.moe_intermediate_size
+    out = {"embed_tokens.weight": (V, H), "norm.weight": (H,), "self_conditioning.pre_norm.weight": (H,),
+           "self_conditioning.gate_proj.weight": (I, H), "self_conditioning.up_proj.weight": (I, H),
+           "self_conditioning.down_proj.weight": (H, I)}
+    for i, spec in enumerate(cfg.layers):
+        p, d, nq, nkv = f"layers.{i}.", spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads
+        out.update({
+            p + "self_attn.q_proj.weight": (nq * d, H), p + "self_attn.k_proj.weight": (nkv * d, H),
+            p + "self_attn.o_proj.weight": (H, nq * d), p + "self_attn.q_norm.weight": (d,),
+            p + "self_attn.k_norm.weight": (d,), p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
+            p + "mlp.down_proj.weight": (H, I), p + "router.proj.weight": (E, H), p + "router.scale": (H,),
+            p + "router.per_expert_scale": (E,), p + "experts.gate_up_proj": (E, 2 * MI, H),
+            p + "experts.down_proj": (E, H, MI), p + "layer_scalar": (1,), p + "encoder_layer_scalar": (1,),
+        })
+        if spec.sliding:
+            out[p + "self_attn.v_proj.weight"] = (nkv * d, H)
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
+                  "pre_feedforward_layernorm_2"):
+            out[p + n + ".weight"] = (H,)
+    return out

@@ -1,0 +1,218 @@
+"""The public Python API: `dgemma.load(path, backend=...)` and the `Model` it returns."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backend import Backend, backend_class
+from .checkpoint import Checkpoint
+from .config import ModelConfig, SamplerSettings
+from .errors import InputError
+from .scheduler import BatchRun, run_blocks
+
+Prompt = str | Sequence[int] | Sequence[dict]
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    generated_tokens: int          # up to (not including) eos, within max_new_tokens
+    canvases: int
+    decoder_passes: int
+    steps_per_canvas: list[int]
+    tokens_per_forward: float      # non-pad generated tokens / decoder passes, as the reference defines it
+    finish_reason: str             # "eos" or "length"
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    raw_token_ids: list[int] = field(repr=False, default_factory=list)  # every canvas, pads included
+
+
+@dataclass
+class CanvasChunk:
+    """One committed canvas of a streamed generation."""
+
+    index: int
+    text: str                 # the text this canvas adds
+    token_ids: list[int]      # the tokens this canvas adds (eos and pads removed)
+    steps: int
+    finished: bool
+
+
+class Logits:
+    """Float32 logits [B, C, V] that stay on the backend's device; `numpy.asarray(logits)` copies them to the host."""
+
+    def __init__(self, native):
+        self.native = native
+
+    @property
+    def shape(self):
+        return tuple(self.native.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        x = self.native
+        if hasattr(x, "detach"):  # torch, possibly on a GPU
+            x = x.detach().float().cpu().numpy()
+        a = np.asarray(x)
+        return a.astype(dtype) if dtype is not None else a
+
+
+def _native(x):
+    return x.native if isinstance(x, Logits) else x
+
+
+class Model:
+    """A loaded DiffusionGemma checkpoint on one backend."""
+
+    def __init__(self, backend: Backend, checkpoint: Checkpoint, tokenizer=None):
+        self.backend = backend
+        self.checkpoint = checkpoint
+        self.config: ModelConfig = checkpoint.config
+        self.tokenizer = tokenizer
+        self.sampler_defaults: SamplerSettings = checkpoint.sampler_defaults
+
+    # -- low-level interface (public) ---------------------------------------------------------------------------
+    def prefill(self, token_ids, attention_mask=None):
+        """Encode prompts ([T] or left-padded [B, T] token ids) into a new state (the KV cache)."""
+        return self.backend.prefill(token_ids, attention_mask)
+
+    def denoise(self, state, canvas_ids, self_conditioning_logits=None) -> Logits:
+        """One decoder pass over the canvas; float32 logits for every canvas position."""
+        return Logits(self.backend.denoise(state, canvas_ids, _native(self_conditioning_logits)))
+
+    def commit(self, state, canvas_ids) -> None:
+        """Append a finished canvas to the state through the encoder."""
+        self.backend.commit(state, canvas_ids)
+
+    # -- prompts ----------------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise InputError("the prompt is empty")
+            if self.tokenizer is None:
+                raise InputError("this model has no tokenizer: pass token ids")
+            if chat:
+                return self.tokenizer.encode_chat([{"role": "user", "content": prompt}])
+            return self.tokenizer.encode(prompt)
+        seq = list(prompt)
+        if not seq:
+            raise InputError("the prompt is empty")
+        if all(isinstance(m, dict) for m in seq):
+            if self.tokenizer is None:
+                raise InputError("this model has no tokenizer: pass token ids")
+            return self.tokenizer.encode_chat(seq)
+        if all(isinstance(t, (int, np.integer)) for t in seq):
+            return [int(t) for t in seq]
+        raise InputError("a prompt is a string, a list of chat messages, or a list of token ids")
+
+    def settings(self, **overrides: Any) -> SamplerSettings:
+        return self.sampler_defaults.updated(**overrides)
+
+    # -- generation -------------------------------------------------------------------------------------------------
+    def generate(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
+                 **sampler: Any) -> Generation:
+        """Generate for one prompt (text, chat messages or token ids). Sampler overrides: max_new_tokens,
+        max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold,
+        eos_token_ids, pad_token_id."""
+        return self.generate_batch([prompt], seeds=None if seed is None else [seed], chat=chat,
+                                   noises=None if noise is None else [noise], **sampler)[0]
+
+    def generate_batch(self, prompts: Sequence[Prompt], *, seeds: Sequence[int] | None = None,
+                       chat: bool | None = None, noises=None, **sampler: Any) -> list[Generation]:
+        """Generate for several prompts in one batch (left-padded); each row has its own seed."""
+        run, settings, ids, started = self._start(prompts, seeds, chat, noises, sampler)
+        for _ in run_blocks(self.backend, ids, settings, run["noises"], run=run["batch"]):
+            pass
+        return self._results(run["batch"], settings, ids, time.perf_counter() - started)
+
+    def stream(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
+               **sampler: Any) -> Iterator[CanvasChunk]:
+        """Yield each committed canvas of one prompt's generation as it is finished."""
+        run, settings, ids, _ = self._start([prompt], None if seed is None else [seed], chat,
+                                            None if noise is None else [noise], sampler)
+        produced = 0
+        text_so_far = ""
+        for ev in run_blocks(self.backend, ids, settings, run["noises"], run=run["batch"]):
+            toks = _visible(ev.tokens[0].tolist(), settings)[: max(0, settings.max_new_tokens - produced)]
+            produced += len(toks)
+            chunk_text = ""
+            if self.tokenizer is not None:
+                full = self.tokenizer.decode(_visible(run["batch"].raw_tokens(0), settings)[:settings.max_new_tokens])
+                chunk_text, text_so_far = full[len(text_so_far):], full
+            yield CanvasChunk(ev.block, chunk_text, toks, ev.steps[0], ev.finished[0])
+
+    def _start(self, prompts, seeds, chat, noises, sampler):
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InputError("prompts must be a list")
+        settings = self.settings(**sampler)
+        ids = [self.encode_prompt(p, chat) for p in prompts]
+        if seeds is not None and len(seeds) != len(ids):
+            raise InputError(f"{len(seeds)} seeds for {len(ids)} prompts")
+        if noises is None:
+            seeds = list(seeds) if seeds is not None else [secrets.randbits(63) for _ in ids]
+            noises = [self.backend.row_noise(s) for s in seeds]
+        return {"noises": noises, "batch": BatchRun([len(p) for p in ids])}, settings, ids, time.perf_counter()
+
+    def _results(self, run: BatchRun, settings: SamplerSettings, ids, seconds: float) -> list[Generation]:
+        out = []
+        eos = set(settings.eos_token_ids)
+        for r in range(len(ids)):
+            raw = run.raw_tokens(r)
+            visible = _visible(raw, settings)
+            hit_eos = any(t in eos for t in raw)
+            toks = visible[: settings.max_new_tokens]
+            passes = int(run.decoder_passes[r])
+            non_pad = sum(1 for t in raw if t != settings.pad_token_id) if settings.pad_token_id is not None else len(raw)
+            steps = [ev.steps[r] for ev in run.canvases if ev.steps[r] > 0]
+            stats = GenerationStats(
+                prompt_tokens=len(ids[r]), generated_tokens=len(toks), canvases=len(steps), decoder_passes=passes,
+                steps_per_canvas=steps, tokens_per_forward=non_pad / passes if passes else 0.0,
+                finish_reason="eos" if hit_eos and len(visible) <= settings.max_new_tokens else "length",
+                seconds=seconds)
+            text = self.tokenizer.decode(toks) if self.tokenizer is not None else ""
+            out.append(Generation(text, toks, stats, raw))
+        return out
+
+
+def _visible(tokens: list[int], settings: SamplerSettings) -> list[int]:
+    """Generated tokens up to the first eos (exclusive), without pads."""
+    eos = set(settings.eos_token_ids)
+    out = []
+    for t in tokens:
+        if t in eos:
+            break
+        if settings.pad_token_id is not None and t == settings.pad_token_id:
+            continue
+        out.append(t)
+    return out
+
+
+def load(path: str | os.PathLike | None = None, backend: str = "cuda", *, dtype: str | None = None,
+         device: str | None = None, progress: bool = False) -> Model:
+    """Load a DiffusionGemma checkpoint (local folder or hub id; None = the model shipped with dgemma) on a backend
+    ("cuda" = PyTorch, also on CPU; "mlx" = Apple MLX)."""
+    if path is None:
+        from .assets import default_model_path
+
+        path = default_model_path()
+    cls = backend_class(backend)
+    ckpt = Checkpoint(path)
+    be = cls(ckpt, dtype=dtype, device=device, progress=progress)
+    tok = ckpt.tokenizer() if (ckpt.path / "tokenizer.json").exists() else None
+    return Model(be, ckpt, tok)
