@@ -203,16 +203,16 @@ def _visible(tokens: list[int], settings: SamplerSettings) -> list[int]:
     return out
 
 
-def load(path: str | os.PathLike | None = None, backend: str = "cuda", *, dtype: str | None = None,
+def load(path: str | os.PathLike | Checkpoint | None = None, backend: str = "cuda", *, dtype: str | None = None,
          device: str | None = None, progress: bool = False) -> Model:
-    """Load a DiffusionGemma checkpoint (local folder or hub id; None = the model shipped with dgemma) on a backend
-    ("cuda" = PyTorch, also on CPU; "mlx" = Apple MLX)."""
+    """Load a DiffusionGemma checkpoint (local folder, hub id or an opened Checkpoint; None = the model shipped with
+    dgemma) on a backend ("cuda" = PyTorch, also on CPU; "mlx" = Apple MLX)."""
     if path is None:
         from .assets import default_model_path
 
         path = default_model_path()
     cls = backend_class(backend)
-    ckpt = Checkpoint(path)
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint(path)
     be = cls(ckpt, dtype=dtype, device=device, progress=progress)
     tok = ckpt.tokenizer() if (ckpt.path / "tokenizer.json").exists() else None
     return Model(be, ckpt, tok)

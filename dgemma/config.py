@@ -98,7 +98,11 @@ class ModelConfig:
         head_dim = int(need("head_dim"))
         n_kv = int(need("num_key_value_heads"))
         n_heads = int(need("num_attention_heads"))
-        per_layer = {str(k): v for k, v in (text.get("per_layer_config") or {}).items()}
+        # Keys are layer indices as strings, zero-padded by save_pretrained when there are 10+ layers ("05").
+        try:
+            per_layer = {int(k): v for k, v in (text.get("per_layer_config") or {}).items()}
+        except ValueError:
+            raise ConfigError(f"{source}: text_config.per_layer_config keys must be layer indices") from None
         global_head_dim = int(text.get("global_head_dim") or 512)
         global_kv = text.get("num_global_key_value_heads")
         rope = text.get("rope_parameters") or {
@@ -111,7 +115,7 @@ class ModelConfig:
             if sliding:
                 hd, kv = head_dim, n_kv
             elif per_layer:
-                over = per_layer.get(str(i), {})
+                over = per_layer.get(i, {})
                 hd, kv = int(over.get("head_dim", head_dim)), int(over.get("num_key_value_heads", n_kv))
             else:  # a config written without per_layer_config: the reference derives it from these two keys
                 hd, kv = global_head_dim, int(global_kv) if global_kv is not None else n_kv

@@ -52,7 +52,7 @@ def denoise_step(ops: ArrayOps, logits, canvas, *, steps_remaining: int, max_ste
     `renoise_tokens` [B, C] replace every position not accepted."""
     processed = logits / temperature(steps_remaining, max_steps, t_min, t_max)
     log_probs = ops.log_softmax(processed)
-    probs = ops.exp(log_probs)
+    probs = ops.softmax(log_probs)
     entropy = entropy_from_log_probs(ops, log_probs, probs)
     argmax = ops.argmax(processed)
     sampled = ops.sample_categorical(probs, uniforms)

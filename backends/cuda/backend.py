@@ -29,10 +29,11 @@ class TorchOps:
         return x.detach().cpu().numpy()
 
     def log_softmax(self, x):
-        return torch.log_softmax(x, dim=-1)
+        # Written as torch.distributions.Categorical normalises, so entropies match the reference bit for bit.
+        return x - x.logsumexp(dim=-1, keepdim=True)
 
-    def exp(self, x):
-        return torch.exp(x)
+    def softmax(self, x):
+        return torch.softmax(x, dim=-1)
 
     def sum(self, x):
         return x.sum(-1)

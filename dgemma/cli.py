@@ -1,0 +1,126 @@
+"""The `dgemma` command line: generate (and the other faces, which register their commands here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import DgemmaError, InputError
+
+
+def _fail(message: str, code: int = 2):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """Turn every DgemmaError (bad input, missing file, missing backend) into one line on stderr."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DgemmaError as e:
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="dgemma")
+def main():
+    """Run DiffusionGemma block-diffusion models with PyTorch (--backend cuda) or MLX (--backend mlx)."""
+
+
+def _backend_option(f):
+    return click.option("--backend", default="cuda", show_default=True,
+                        help="cuda (PyTorch: NVIDIA GPUs, also CPU) or mlx (Apple Silicon; mlx[cpu] on Linux).")(f)
+
+
+@main.command()
+@click.option("--model", "model_path", default=None,
+              help="Model folder or hub id (e.g. google/diffusiongemma-26B-A4B-it). Default: the model shipped with "
+                   "dgemma (a small random checkpoint until a trained one ships).")
+@_backend_option
+@click.option("--prompt", "-p", multiple=True, help="Prompt text; repeat for a batch. '-' reads standard input.")
+@click.option("--prompt-file", type=click.Path(dir_okay=False), help="One prompt per line (a batch).")
+@click.option("--chat/--no-chat", default=False, help="Wrap each prompt as a user turn with the chat template.")
+@click.option("--max-new-tokens", type=int, default=None, help="Tokens to generate (whole canvases are denoised).")
+@click.option("--steps", "max_denoising_steps", type=int, default=None, help="Maximum denoising steps per canvas.")
+@click.option("--seed", type=int, default=None, help="Seed (prompt i of a batch uses seed + i).")
+@click.option("--entropy-bound", type=float, default=None)
+@click.option("--t-min", type=float, default=None)
+@click.option("--t-max", type=float, default=None)
+@click.option("--stability-threshold", type=int, default=None)
+@click.option("--confidence-threshold", type=float, default=None)
+@click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")
+@click.option("--device", default=None, help="Torch device for --backend cuda (default: cuda if available, else cpu).")
+@click.option("--stream/--no-stream", default=False, help="Print each canvas as it is committed.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt with text, token ids and stats.")
+@click.option("--stats/--no-stats", default=True, help="Print tokens per forward and steps per canvas to stderr.")
+def generate(model_path, backend, prompt, prompt_file, chat, max_new_tokens, max_denoising_steps, seed,
+             entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, dtype, device, stream, as_json,
+             stats):
+    """Generate text with the block-diffusion sampler."""
+    from .api import load
+    from .assets import default_model_path, is_random_default
+
+    prompts = _read_prompts(prompt, prompt_file)
+    sampler = dict(max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
+                   entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
+                   confidence_threshold=confidence_threshold)
+    path = model_path if model_path is not None else default_model_path()
+    if model_path is None and is_random_default(path):
+        click.echo("note: no --model given and no trained model ships with dgemma yet: using a small random "
+                   "checkpoint (its output is noise)", err=True)
+    from .backend import backend_class
+    from .checkpoint import Checkpoint
+
+    backend_class(backend)  # an unknown or missing backend fails before anything is read
+    checkpoint = Checkpoint(path)
+    checkpoint.sampler_defaults.updated(**sampler)  # bad sampler values fail before the weights load
+    model = load(checkpoint, backend=backend, dtype=dtype, device=device, progress=sys.stderr.isatty())
+    if stream and len(prompts) == 1 and not as_json:
+        for chunk in model.stream(prompts[0], seed=seed, chat=chat, **sampler):
+            click.echo(chunk.text, nl=False)
+            sys.stdout.flush()
+        click.echo()
+        return
+    seeds = None if seed is None else [seed + i for i in range(len(prompts))]
+    results = model.generate_batch(prompts, seeds=seeds, chat=chat, **sampler)
+    for r in results:
+        s = r.stats
+        if as_json:
+            click.echo(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": s.finish_reason,
+                                   "tokens_per_forward": s.tokens_per_forward, "steps_per_canvas": s.steps_per_canvas,
+                                   "decoder_passes": s.decoder_passes, "prompt_tokens": s.prompt_tokens,
+                                   "generated_tokens": s.generated_tokens, "seconds": s.seconds}))
+        else:
+            click.echo(r.text)
+        if stats and not as_json:
+            click.echo(f"[{s.generated_tokens} tokens, {s.canvases} canvas(es), steps per canvas "
+                       f"{s.steps_per_canvas}, tokens/forward {s.tokens_per_forward:.2f}, {s.seconds:.2f}s, "
+                       f"{model.backend.describe()}]", err=True)
+
+
+def _read_prompts(prompt, prompt_file) -> list[str]:
+    prompts = []
+    for p in prompt:
+        prompts.append(sys.stdin.read() if p == "-" else p)
+    if prompt_file:
+        try:
+            with open(prompt_file, encoding="utf-8") as f:
+                prompts.extend(line.rstrip("\n") for line in f if line.strip())
+        except OSError as e:
+            raise InputError(f"--prompt-file {prompt_file}: {e.strerror}") from None
+    if not prompts:
+        raise InputError("no prompt: pass --prompt TEXT (or --prompt-file F)")
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise InputError("--prompt is empty" if len(prompts) == 1 else f"prompt {i + 1} is empty")
+    return prompts
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
