@@ -124,3 +124,29 @@ def _read_prompts(prompt, prompt_file) -> list[str]:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command("convert")
+@click.argument("src")
+@click.argument("dst", required=False)
+@click.option("--to", "to", required=True, help="hf (plain float), mlx (MLX layout, optionally quantized) or cuda.")
+@click.option("--bits", type=int, default=None, help="MLX affine quantization: 4 or 8.")
+@click.option("--group-size", type=int, default=None, help="Quantization group: 32, 64 or 128 (MLX default 64, "
+              "CUDA int4 default 128).")
+@click.option("--mixed", is_flag=True, help="MLX: 4-bit experts, 8-bit attention, dense MLP, router and embedding.")
+@click.option("--quant", default=None, help="CUDA: fp8 (e4m3, per-channel scales) or int4 (experts; rest bf16/FP8).")
+@click.option("--rest", default=None, help="With --quant int4: fp8 or bf16 for the non-expert weights.")
+@click.option("--dtype", default=None, help="Float dtype of unquantized tensors (bfloat16, float16, float32).")
+@click.option("--shard-size-gb", type=float, default=4.0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option("--dry-run", is_flag=True, help="Print output sizes and peak memory from config.json alone.")
+@click.option("--progress/--no-progress", default=True)
+def convert_command(src, dst, to, bits, group_size, mixed, quant, rest, dtype, shard_size_gb, force, dry_run,
+                    progress):
+    """Convert SRC (folder or hub id) to DST in another format, streaming one tensor at a time."""
+    from dgemma.convert import convert
+
+    report = convert(src, dst, to=to, bits=bits, group_size=group_size, mixed=mixed, quant=quant, dtype=dtype,
+                     force=force, dry_run=dry_run, progress=progress and not dry_run, rest=rest,
+                     shard_size_gb=shard_size_gb)
+    click.echo(report.format_report())

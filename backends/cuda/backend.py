@@ -11,6 +11,7 @@ from dgemma.checkpoint import Checkpoint
 from dgemma.errors import BackendUnavailable, CheckpointError, InputError
 
 from .model import DiffusionGemmaText, KVState, expected_shapes, sanitize
+from .quantized import install_quantized_modules, quantization_kind
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -59,6 +60,10 @@ class TorchOps:
     def clamp_min(self, x, value):
         return torch.clamp(x, min=value)
 
+    def entropy(self, log_probs, probs):
+        # -(clamp(log p) * p).sum(), as torch.distributions.Categorical computes it, with one temporary.
+        return torch.clamp(log_probs, min=torch.finfo(log_probs.dtype).min).mul_(probs).sum(-1).neg_()
+
     def all_equal(self, a, b):
         return (a == b).all(-1)
 
@@ -104,6 +109,16 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Allocate (uninitialised) every parameter and buffer still on the meta device; leaves real tensors alone."""
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and t.is_meta:
+                    new = torch.empty_like(t, device=device)
+                    store[name] = torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new
+
+
 class TorchBackend(Backend):
     name = "cuda"
 
@@ -116,9 +131,18 @@ class TorchBackend(Backend):
         if name not in DTYPES:
             raise InputError(f"--dtype {name!r} is not supported; choose float32, bfloat16 or float16")
         self.dtype = DTYPES[name]
+        raw = checkpoint.raw_config
+        if raw.get("quantization") or any(n.endswith(".biases") for n in checkpoint.tensors):
+            raise CheckpointError(f"{checkpoint.path}: an MLX-quantized checkpoint; run it with --backend mlx, or "
+                                  "turn it back with `dgemma convert SRC DST --to hf`")
         with torch.device("meta"):
             model = DiffusionGemmaText(cfg).to(self.dtype)
-        model.to_empty(device=self.device)  # allocate straight in the target dtype: never a float32 copy of it all
+        # FP8 / int4 checkpoints (dgemma convert --to cuda, compressed-tensors FP8): those modules are swapped for
+        # quantized ones before anything is allocated, so the dense weights never exist in memory.
+        self.quantized = set()
+        if quantization_kind(checkpoint):
+            self.quantized = install_quantized_modules(model, checkpoint, sanitize, self.device, self.dtype)
+        _materialize(model, self.device)
         self._load_weights(model, progress)
         self.model = model.eval()
         self.ops = TorchOps(self.device)
@@ -128,13 +152,16 @@ class TorchBackend(Backend):
         want = expected_shapes(cfg)
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
-        seen: set[str] = set()
-        names = [n for n in self.checkpoint.tensors if sanitize(n) in want]
+        seen: set[str] = set(self.quantized)
+        names = [n for n in self.checkpoint.tensors if sanitize(n) in want and sanitize(n) not in seen]
         it = self.checkpoint.iter_tensors("pt", set(names))
         bar = tqdm(it, total=len(names), desc="loading weights", unit="tensor", disable=not progress, leave=False)
         with torch.no_grad():
             for hf_name, tensor in bar:
                 ours = sanitize(hf_name)
+                if tensor.dtype.itemsize == 1 and tensor.is_floating_point():  # FP8 without a scale beside it
+                    raise CheckpointError(f"{self.checkpoint.tensors[hf_name].file}: {hf_name} is float8 but has no "
+                                          f"{hf_name}_scale")
                 if tuple(tensor.shape) != want[ours]:
                     raise CheckpointError(
                         f"{self.checkpoint.tensors[hf_name].file}: tensor {hf_name} has shape {tuple(tensor.shape)}, "

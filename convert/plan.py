@@ -1,0 +1,322 @@
+"""What a conversion writes, decided from names and shapes alone (no torch, no weights read).
+
+The converter works on *logical* tensors: the Hugging Face name, shape and float dtype of every weight, whatever
+format the source stores it in. A `Target` maps each logical tensor onto the tensors the output format stores for it;
+the same plan gives the exact output size (dry run), the safetensors headers (written before any data) and the shards.
+
+Output tensor naming (documented in the README of the convert command):
+
+hf     the original names (`model.decoder.layers.N.experts.gate_up_proj`, ...), plain float.
+mlx    what mlx-vlm 0.7.10's DiffusionGemma `sanitize()` produces, so the folder loads in mlx-vlm and mlx-lm-style
+       loaders without renaming: the original names, except that the packed experts get a `.weight` suffix
+       (`...experts.gate_up_proj.weight` [E, 2I, H], `...experts.down_proj.weight` [E, H, I]; they are SwitchLinear
+       modules). A quantized module `P` stores `P.weight` (uint32, 32/bits values per word along the input axis),
+       `P.scales` and `P.biases` ([..., in / group_size], the float dtype); config.json gets mlx-lm's `quantization`
+       block ({group_size, bits, mode: affine} plus `P: {group_size, bits}` for every module whose bits differ from the
+       default) and its copy `quantization_config`. MLX needs the input dim to be a multiple of the group size: with
+       group 128 the experts' down_proj (input 704) stays unquantized, as mlx-lm does (the dry run shows the cost).
+cuda   FP8: `X.weight` float8_e4m3fn + `X.weight_scale` float32 [out, 1] (compressed-tensors naming, per output
+       channel); packed experts in FP8: `...experts.gate_up_proj` float8 [E, 2I, H] + `..._scale` float32 [E, 2I, 1].
+       int4 experts: `...experts.gate_up_proj_packed` uint8 [E, 2I, H/2] (two per byte, low nibble first, q + 8),
+       `..._scale` bfloat16 [E, 2I, ceil(H/group)] (symmetric: w = (u - 8) * scale), `..._shape` int64 [3].
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+ST_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "U16": 2,
+            "I16": 2, "U32": 4, "I32": 4, "I64": 8, "U64": 8, "BOOL": 1}
+FLOAT_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+ST_FLOAT = {v: k for k, v in FLOAT_ST.items()}
+DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "f32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                 "float16": "float16", "fp16": "float16", "f16": "float16"}
+
+EXPERT_RE = re.compile(r".*\.experts\.(gate_up_proj|down_proj)$")
+LINEAR_RE = re.compile(
+    r"^model\.decoder\.(embed_tokens|self_conditioning\.(gate|up|down)_proj|"
+    r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj|router\.proj))\.weight$"
+)
+
+
+def numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def role(name: str) -> str:
+    """embed | attn | mlp | router | selfcond | expert | other (norms, scalars, vision tower)."""
+    if EXPERT_RE.fullmatch(name) and name.startswith("model.decoder."):
+        return "expert"
+    m = LINEAR_RE.match(name)
+    if not m:
+        return "other"
+    inner = m.group(1)
+    if inner == "embed_tokens":
+        return "embed"
+    if inner.startswith("self_conditioning"):
+        return "selfcond"
+    if ".self_attn." in inner:
+        return "attn"
+    if ".router." in inner:
+        return "router"
+    return "mlp"
+
+
+def module_path(name: str) -> str:
+    """The module that owns a logical weight (the key of mlx-lm's per-module quantization overrides)."""
+    return name if role(name) == "expert" else name[: -len(".weight")]
+
+
+@dataclass(frozen=True)
+class Target:
+    to: str                       # hf | mlx | cuda
+    bits: int | None = None       # mlx: 4 | 8 (default for quantized modules); None = plain float
+    group_size: int = 64
+    mixed: bool = False           # mlx: 4-bit experts, 8-bit attention / dense MLPs / router / embedding
+    quant: str | None = None      # cuda: fp8 | int4
+    rest: str | None = None       # cuda int4: None (float) | fp8 (the non-expert linears)
+    dtype: str | None = None      # float dtype of unquantized tensors, scales and biases; None = the source's
+
+    def describe(self) -> str:
+        if self.to == "mlx":
+            if self.mixed:
+                return f"mlx mixed 4/8-bit, group {self.group_size}"
+            return f"mlx {self.bits}-bit, group {self.group_size}" if self.bits else "mlx (float)"
+        if self.to == "cuda":
+            if self.quant == "fp8":
+                return "cuda fp8 (e4m3, per-channel scales)"
+            if self.quant == "int4":
+                return f"cuda int4 experts (group {self.group_size}) + {'fp8' if self.rest == 'fp8' else 'float'} rest"
+            return "cuda (float)"
+        return "hf (float)"
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str                    # safetensors code
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return numel(self.shape) * ST_BYTES[self.dtype]
+
+
+@dataclass
+class Action:
+    src: str                      # logical name
+    method: str                   # copy | mlx | fp8 | int4
+    outputs: list[OutTensor]
+    bits: int | None = None
+    group_size: int | None = None
+    out_dtype: str = "bfloat16"   # float dtype of copies / scales / biases
+
+    @property
+    def nbytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+
+@dataclass
+class LogicalInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str                    # float dtype name, or a safetensors code for non-float tensors
+
+
+@dataclass
+class Plan:
+    target: Target
+    actions: list[Action] = field(default_factory=list)
+    quantization: dict | None = None           # mlx-lm block
+    quantization_config: dict | None = None    # cuda block
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.actions)
+
+
+def _mlx_bits(target: Target, r: str) -> int | None:
+    if r == "other":
+        return None
+    if target.mixed:
+        return 4 if r == "expert" else 8
+    return target.bits
+
+
+def plan_conversion(tensors: list[LogicalInfo], target: Target) -> Plan:
+    plan = Plan(target)
+    quant_overrides: dict[str, dict] = {}
+    default_bits = 4 if target.mixed else target.bits
+    fp8_linears = target.to == "cuda" and (target.quant == "fp8" or (target.quant == "int4" and target.rest == "fp8"))
+    ignore: list[str] = []
+    for t in tensors:
+        out_dtype = target.dtype or (t.dtype if t.dtype in FLOAT_ST else "bfloat16")
+        is_float = t.dtype in FLOAT_ST
+        r = role(t.name) if is_float else "other"
+        keep_dtype = FLOAT_ST[out_dtype] if is_float else t.dtype
+        if target.to == "mlx":
+            name = t.name + ".weight" if r == "expert" else t.name
+            bits = _mlx_bits(target, r) if (target.bits or target.mixed) else None
+            if bits and t.shape[-1] % target.group_size == 0 and len(t.shape) >= 2:
+                base = module_path(t.name)
+                K = t.shape[-1]
+                lead = tuple(t.shape[:-1])
+                fd = FLOAT_ST[out_dtype]
+                outs = [OutTensor(base + ".weight", "U32", lead + (K * bits // 32,)),
+                        OutTensor(base + ".scales", fd, lead + (K // target.group_size,)),
+                        OutTensor(base + ".biases", fd, lead + (K // target.group_size,))]
+                plan.actions.append(Action(t.name, "mlx", outs, bits, target.group_size, out_dtype))
+                if bits != default_bits:
+                    quant_overrides[base] = {"group_size": target.group_size, "bits": bits}
+                continue
+            plan.actions.append(Action(t.name, "copy", [OutTensor(name, keep_dtype, t.shape)], out_dtype=out_dtype))
+        elif target.to == "cuda" and target.quant:
+            if r == "expert" and target.quant == "int4" and t.shape[-1] % 2 == 0:
+                lead, K = tuple(t.shape[:-1]), t.shape[-1]
+                outs = [OutTensor(t.name + "_packed", "U8", lead + (K // 2,)),
+                        OutTensor(t.name + "_scale", "BF16", lead + (-(-K // target.group_size),)),
+                        OutTensor(t.name + "_shape", "I64", (len(t.shape),))]
+                plan.actions.append(Action(t.name, "int4", outs, 4, target.group_size, out_dtype))
+                continue
+            if (r == "expert" and target.quant == "fp8") or (fp8_linears and r in ("attn", "mlp", "selfcond")):
+                outs = [OutTensor(t.name, "F8_E4M3", t.shape),
+                        OutTensor(t.name + "_scale", "F32", tuple(t.shape[:-1]) + (1,))]
+                plan.actions.append(Action(t.name, "fp8", outs, 8, None, out_dtype))
+                continue
+            if r in ("embed", "router"):
+                ignore.append(module_path(t.name))
+            plan.actions.append(Action(t.name, "copy", [OutTensor(t.name, keep_dtype, t.shape)], out_dtype=out_dtype))
+        else:
+            plan.actions.append(Action(t.name, "copy", [OutTensor(t.name, keep_dtype, t.shape)], out_dtype=out_dtype))
+    if target.to == "mlx" and (target.bits or target.mixed):
+        plan.quantization = {"group_size": target.group_size, "bits": default_bits, "mode": "affine",
+                             **quant_overrides}
+    if target.to == "cuda" and target.quant:
+        plan.quantization_config = cuda_quantization_config(target, ignore)
+    return plan
+
+
+def cuda_quantization_config(target: Target, ignore: list[str]) -> dict:
+    fp8 = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}
+    fp8_act = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
+    groups: dict = {}
+    if target.quant == "fp8" or target.rest == "fp8":
+        targets = ["Linear"] + (["re:.*experts\\.(gate_up|down)_proj$"] if target.quant == "fp8" else [])
+        groups["group_0"] = {"targets": targets, "weights": fp8, "input_activations": fp8_act}
+    if target.quant == "int4":
+        groups["group_1"] = {"targets": ["re:.*experts\\.(gate_up|down)_proj$"],
+                             "weights": {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True,
+                                         "group_size": target.group_size, "dynamic": False},
+                             "input_activations": None}
+    fmt = "float-quantized" if target.quant == "fp8" else ("mixed-precision" if target.rest == "fp8" else "pack-quantized")
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": groups,
+        "ignore": sorted(set(ignore)) + ["re:model\\.encoder\\..*"],
+        # How dgemma lays out the tensors (the 3-D packed experts are not a compressed-tensors layout): read by
+        # dgemma.backends.cuda.quantized.
+        "dgemma_layout": {
+            "version": 1,
+            "fp8": "X float8_e4m3fn + X_scale float32 [..., rows, 1]; w = X * X_scale",
+            "int4": "X_packed uint8 [..., K/2] (low nibble = even index, value u = q + 8) + X_scale bfloat16 "
+                    "[..., ceil(K/group)] (the last group may be shorter) + X_shape int64; w = (u - 8) * X_scale",
+            "group_size": target.group_size if target.quant == "int4" else None,
+        },
+    }
+
+
+# -- logical tensors from config.json alone (dry run) ------------------------------------------------------------------
+def text_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    """Every text tensor of the Hugging Face layout with its shape, from a dgemma ModelConfig."""
+    H, V, I = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    E, MI = cfg.num_experts, cfg.moe_intermediate_size
+    d = "model.decoder."
+    out = {d + "embed_tokens.weight": (V, H), d + "norm.weight": (H,), d + "self_conditioning.pre_norm.weight": (H,),
+           d + "self_conditioning.gate_proj.weight": (I, H), d + "self_conditioning.up_proj.weight": (I, H),
+           d + "self_conditioning.down_proj.weight": (H, I)}
+    for i, spec in enumerate(cfg.layers):
+        p, hd, nq, nkv = f"{d}layers.{i}.", spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads
+        out.update({
+            p + "self_attn.q_proj.weight": (nq * hd, H), p + "self_attn.k_proj.weight": (nkv * hd, H),
+            p + "self_attn.o_proj.weight": (H, nq * hd), p + "self_attn.q_norm.weight": (hd,),
+            p + "self_attn.k_norm.weight": (hd,), p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
+            p + "mlp.down_proj.weight": (H, I), p + "router.proj.weight": (E, H), p + "router.scale": (H,),
+            p + "router.per_expert_scale": (E,), p + "experts.gate_up_proj": (E, 2 * MI, H),
+            p + "experts.down_proj": (E, H, MI), p + "layer_scalar": (1,),
+        })
+        if spec.sliding:
+            out[p + "self_attn.v_proj.weight"] = (nkv * hd, H)
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
+                  "pre_feedforward_layernorm_2"):
+            out[p + n + ".weight"] = (H,)
+        out[f"model.encoder.language_model.layers.{i}.layer_scalar"] = (1,)
+    return out
+
+
+def optional_text_tensor(name: str) -> bool:
+    """Tensors a checkpoint may omit (the loaders fall back to the decoder's copy)."""
+    return name.startswith("model.encoder.language_model.") and name.endswith(".layer_scalar")
+
+
+def vision_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
+    """The gemma4_vision tower as transformers' save_pretrained names it (an estimate for dry runs: the converter copies
+    whatever vision tensors the checkpoint holds, unquantized)."""
+    v = raw.get("vision_config")
+    if not isinstance(v, dict) or not v.get("hidden_size"):
+        return {}
+    h, inter = int(v["hidden_size"]), int(v.get("intermediate_size") or 4 * int(v["hidden_size"]))
+    nh = int(v.get("num_attention_heads") or 1)
+    hd = int(v.get("head_dim") or h // nh)
+    nkv = int(v.get("num_key_value_heads") or nh)
+    patch = int(v.get("patch_size") or 16)
+    pos = int(v.get("position_embedding_size") or 10240)
+    th = int((raw.get("text_config") or {}).get("hidden_size") or h)
+    p = "model.encoder.vision_tower."
+    out = {p + "patch_embedder.input_proj.weight": (h, 3 * patch * patch),
+           p + "patch_embedder.position_embedding_table": (2, pos, h),
+           "model.encoder.embed_vision.embedding_projection.weight": (th, h)}
+    for i in range(int(v.get("num_hidden_layers") or 0)):
+        q = f"{p}encoder.layers.{i}."
+        out.update({q + "self_attn.q_proj.linear.weight": (nh * hd, h), q + "self_attn.k_proj.linear.weight": (nkv * hd, h),
+                    q + "self_attn.v_proj.linear.weight": (nkv * hd, h), q + "self_attn.o_proj.linear.weight": (h, nh * hd),
+                    q + "self_attn.q_norm.weight": (hd,), q + "self_attn.k_norm.weight": (hd,),
+                    q + "mlp.gate_proj.linear.weight": (inter, h), q + "mlp.up_proj.linear.weight": (inter, h),
+                    q + "mlp.down_proj.linear.weight": (h, inter)})
+        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
+            out[q + n + ".weight"] = (h,)
+    return out
+
+
+def logical_from_config(cfg, dtype: str) -> list[LogicalInfo]:
+    shapes = dict(text_shapes(cfg))
+    shapes.update(vision_shapes(cfg.raw))
+    return [LogicalInfo(n, s, dtype) for n, s in shapes.items()]
+
+
+# -- memory model -------------------------------------------------------------------------------------------------------
+CHUNK_BYTES = 16 << 20          # float32 working chunk per step (rows or experts of one tensor); small enough
+                                # that malloc reuses freed blocks instead of mmap/munmap churn per op
+BASE_RSS = 600 << 20            # python + torch + safetensors, measured on CPU
+WORK_FACTOR = 8                 # float32 copies alive while one chunk is quantized
+MMAP_RESIDENT = True            # pages of the tensor being read stay mapped until it is done (safe_open mmap)
+
+
+def estimate_peak(actions: list[Action], shapes: dict[str, tuple[int, ...]]) -> int:
+    """Peak resident memory of the streaming conversion: base + the largest per-chunk working set. Independent of
+    the model size by construction: the largest tensor is streamed in chunks of whole rows / experts."""
+    worst = 0
+    for a in actions:
+        shape = shapes[a.src]
+        n = numel(shape)
+        row = numel(shape[1:]) if len(shape) > 1 else n
+        rows = max(1, min(shape[0] if shape else 1, CHUNK_BYTES // max(1, 4 * row)))
+        chunk = min(n, rows * row)
+        worst = max(worst, chunk * 4 * WORK_FACTOR + (n * 4 if MMAP_RESIDENT else 0) // 2)
+    return BASE_RSS + worst

@@ -1,0 +1,134 @@
+"""Quantization kernels (PyTorch, CPU): MLX affine, FP8 e4m3 per output channel, symmetric group-wise int4.
+
+Every function works on the last axis of a float32 chunk of rows, so the converter can stream a tensor through them a
+few rows (or experts) at a time. The dequantizers are the exact inverses the loaders use (mlx: `scales * q + biases`;
+fp8: `q * scale`; int4: `(u - 8) * scale`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT4_LEVELS = 7.5  # compressed-tensors' symmetric int4 convention: scale = absmax / 7.5, q in [-8, 7]
+
+
+# -- MLX affine (mlx-lm layout) ------------------------------------------------------------------------------------
+def mlx_quantize(w: torch.Tensor, bits: int, group_size: int, out_dtype: torch.dtype):
+    """Bit-for-bit what `mx.quantize(w, group_size, bits)` (affine mode, CPU kernel) returns for `w` of dtype
+    `out_dtype`: packed uint32 [..., K * bits / 32] (as int32 bits), scales and biases [..., K / group_size] in
+    `out_dtype`. `w` must already hold values representable in `out_dtype` (the caller casts first)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    *lead, K = w.shape
+    if K % group_size:
+        raise ValueError(f"last dim {K} is not a multiple of group_size {group_size}")
+    g = w.float().reshape(*lead, K // group_size, group_size)
+    n_bins = float((1 << bits) - 1)
+    w_max = g.amax(-1, keepdim=True)
+    w_min = g.amin(-1, keepdim=True)
+    mask = w_min.abs() > w_max.abs()
+    scale = torch.clamp((w_max - w_min) / n_bins, min=1e-7)
+    scale = torch.where(mask, scale, -scale)
+    edge = torch.where(mask, w_min, w_max)
+    q0 = torch.round(edge / scale)  # rint: half to even, as std::rint
+    nz = q0 != 0
+    scale = torch.where(nz, edge / torch.where(nz, q0, torch.ones_like(q0)), scale)
+    bias = torch.where(nz, edge, torch.zeros_like(edge))
+    q = torch.clamp(torch.round((g - bias) / scale), 0, n_bins).to(torch.int32)
+    per_word = 32 // bits
+    q = q.reshape(*lead, K // per_word, per_word)
+    packed = q[..., 0].clone()
+    for k in range(1, per_word):  # int32 shifts wrap into the sign bit: the same 32 bits as uint32
+        packed |= q[..., k] << (k * bits)
+    return packed, scale.squeeze(-1).to(out_dtype), bias.squeeze(-1).to(out_dtype)
+
+
+def mlx_dequantize(packed: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, group_size: int):
+    """float32 [..., K] from the mlx-lm layout (packed as uint32 or int32 bits)."""
+    p = packed.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    q = ((p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(*p.shape[:-1], -1).float()
+    K = q.shape[-1]
+    q = q.reshape(*q.shape[:-1], K // group_size, group_size)
+    w = scales.float().unsqueeze(-1) * q + biases.float().unsqueeze(-1)
+    return w.reshape(*q.shape[:-2], K)
+
+
+# -- FP8 e4m3, one float32 scale per output channel (row) ------------------------------------------------------------
+def fp8_quantize(w: torch.Tensor):
+    """(float8_e4m3fn weights, float32 scales [..., 1]) with scale = absmax(row) / 448."""
+    w = w.float()
+    scale = (w.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
+    q = (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def expand_scale(scale: torch.Tensor, shape: tuple[int, ...], start: int = 0, stop: int | None = None):
+    """Broadcast a stored scale onto rows [start:stop] (along dim 0) of a weight of `shape`: per tensor, per output
+    channel ([..., R, 1] or [..., R]), per group ([..., R, C/g]) or per 2-D block ([R/b0, C/b1])."""
+    stop = shape[0] if stop is None else stop
+    s = scale.float()
+    if s.numel() == 1:
+        return s.reshape([1] * len(shape))
+    C = shape[-1]
+    if s.ndim == len(shape) - 1 and tuple(s.shape) == tuple(shape[:-1]):
+        return s[start:stop].unsqueeze(-1)
+    if s.ndim == len(shape) and tuple(s.shape[:-1]) == tuple(shape[:-1]):
+        s = s[start:stop]
+        if s.shape[-1] == 1:
+            return s
+        rep = -(-C // s.shape[-1])
+        return s.repeat_interleave(rep, dim=-1)[..., :C]
+    if s.ndim == 2 and len(shape) == 2:  # block-wise
+        R = shape[0]
+        b0, b1 = -(-R // s.shape[0]), -(-C // s.shape[1])
+        rows = s.repeat_interleave(b0, dim=0)[start:stop]
+        return rows.repeat_interleave(b1, dim=1)[:, :C]
+    raise ValueError(f"cannot broadcast a scale of shape {tuple(scale.shape)} onto a weight of shape {shape}")
+
+
+def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, shape=None, start: int = 0, stop: int | None = None):
+    shape = tuple(shape or q.shape)
+    return q.float() * expand_scale(scale, shape, start, stop)
+
+
+# -- int4, symmetric, group-wise along the last axis, two per uint8 -------------------------------------------------
+def int4_quantize(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16):
+    """(packed uint8 [..., K/2], scales [..., ceil(K/group_size)] in scale_dtype). Byte j holds element 2j in its low
+    nibble and 2j+1 in its high nibble, each stored as q + 8 with q = clamp(round(w / scale), -8, 7), scale =
+    absmax / 7.5 rounded to scale_dtype before use (so dequantization with the stored scale is exact). K need not be a
+    multiple of group_size (the experts' down_proj has K = 704): the last group is shorter."""
+    *lead, K = w.shape
+    if K % 2:
+        raise ValueError(f"last dim {K} is odd: int4 packs two values per byte")
+    n = -(-K // group_size)
+    wf = w.float()
+    if n * group_size != K:
+        wf = torch.nn.functional.pad(wf, (0, n * group_size - K))
+    g = wf.reshape(*lead, n, group_size)
+    scale = (g.abs().amax(-1, keepdim=True) / INT4_LEVELS).clamp(min=1e-8).to(scale_dtype)
+    q = torch.clamp(torch.round(g / scale.float()), -8, 7).to(torch.int16) + 8
+    q = q.reshape(*lead, n * group_size)[..., :K].reshape(*lead, K // 2, 2)
+    packed = (q[..., 0] | (q[..., 1] << 4)).to(torch.uint8)
+    return packed, scale.squeeze(-1)
+
+
+def infer_group(K: int, n_groups: int) -> int:
+    """The group size when it was not recorded: K / n when that divides, else the power of two whose ceil fits."""
+    if K % n_groups == 0:
+        return K // n_groups
+    for g in (16, 32, 64, 128, 256, 512, 1024):
+        if -(-K // g) == n_groups:
+            return g
+    raise ValueError(f"no group size splits {K} values into {n_groups} groups")
+
+
+def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, group_size: int | None = None):
+    p = packed.to(torch.int16)
+    q = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(*p.shape[:-1], -1).float() - 8.0
+    K = q.shape[-1]
+    g = group_size or infer_group(K, scale.shape[-1])
+    s = scale.float().repeat_interleave(g, dim=-1)[..., :K]
+    return q * s
