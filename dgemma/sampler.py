@@ -49,12 +49,17 @@ class StepResult:
 
 
 def denoise_step(ops: ArrayOps, logits, canvas, *, steps_remaining: int, max_steps: int, t_min: float,
-                 t_max: float, entropy_bound: float, uniforms, renoise_tokens) -> StepResult:
+                 t_max: float, entropy_bound: float, uniforms, renoise_tokens, owns_logits: bool = False) -> StepResult:
     """One sampler step on the decoder's logits [B, C, V]; `uniforms` [B, C] drive the categorical draw and
-    `renoise_tokens` [B, C] replace every position not accepted."""
-    processed = logits / temperature(steps_remaining, max_steps, t_min, t_max)
-    log_probs = ops.log_softmax(processed)
-    probs = ops.softmax(log_probs)
+    `renoise_tokens` [B, C] replace every position not accepted. With `owns_logits` the backend may overwrite
+    `logits` (the scheduler passes the decoder's fresh output, which nothing else reads)."""
+    t = temperature(steps_remaining, max_steps, t_min, t_max)
+    if owns_logits and hasattr(ops, "tempered_log_softmax"):
+        processed, log_probs, probs = ops.tempered_log_softmax(logits, t)
+    else:
+        processed = logits / t
+        log_probs = ops.log_softmax(processed)
+        probs = ops.softmax(log_probs)
     entropy = entropy_from_log_probs(ops, log_probs, probs)
     argmax = ops.argmax(processed)
     sampled = ops.sample_categorical(probs, uniforms)

@@ -122,7 +122,7 @@ def run_blocks(backend: Backend, prompts: Sequence[Sequence[int]], settings: Sam
             renoise = draw(lambda nz: nz.tokens(block, it, C, V), zeros=zeros_i)
             res = denoise_step(ops, logits, canvas, steps_remaining=N - it + 1, max_steps=N,
                                t_min=settings.t_min, t_max=settings.t_max, entropy_bound=settings.entropy_bound,
-                               uniforms=uniforms, renoise_tokens=renoise)
+                               uniforms=uniforms, renoise_tokens=renoise, owns_logits=True)
             if done.any():  # rows that already stopped keep the canvas they stopped on
                 frozen = ops.from_numpy(done[:, None])
                 argmax = ops.where(frozen, argmax, res.argmax)

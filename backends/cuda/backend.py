@@ -60,9 +60,18 @@ class TorchOps:
     def clamp_min(self, x, value):
         return torch.clamp(x, min=value)
 
+    def tempered_log_softmax(self, logits, temperature: float):
+        """(processed, log_probs, probs) for logits the caller hands over: the division happens in place, saving a
+        B x C x V allocation; values are those of logits / t, x - logsumexp(x) and softmax of that."""
+        with torch.inference_mode():  # the decoder's logits are inference tensors
+            processed = logits.div_(temperature)
+            log_probs = processed - processed.logsumexp(dim=-1, keepdim=True)
+            return processed, log_probs, torch.softmax(log_probs, dim=-1)
+
     def entropy(self, log_probs, probs):
         # -(clamp(log p) * p).sum(), as torch.distributions.Categorical computes it, with one temporary.
-        return torch.clamp(log_probs, min=torch.finfo(log_probs.dtype).min).mul_(probs).sum(-1).neg_()
+        with torch.inference_mode():
+            return torch.clamp(log_probs, min=torch.finfo(log_probs.dtype).min).mul_(probs).sum(-1).neg_()
 
     def all_equal(self, a, b):
         return (a == b).all(-1)
