@@ -49,11 +49,23 @@ class StepResult:
 
 
 def denoise_step(ops: ArrayOps, logits, canvas, *, steps_remaining: int, max_steps: int, t_min: float,
-                 t_max: float, entropy_bound: float, uniforms, renoise_tokens, owns_logits: bool = False) -> StepResult:
+                 t_max: float, entropy_bound: float, uniforms, renoise_tokens,
+                 owns_logits: bool = False) -> StepResult:
     """One sampler step on the decoder's logits [B, C, V]; `uniforms` [B, C] drive the categorical draw and
     `renoise_tokens` [B, C] replace every position not accepted. With `owns_logits` the backend may overwrite
-    `logits` (the scheduler passes the decoder's fresh output, which nothing else reads)."""
+    `logits` (the scheduler passes the decoder's fresh output, which nothing else reads). A backend whose ops offer
+    `compiled_step` (MLX: the whole step as one compiled graph) runs that instead of the op-by-op version."""
     t = temperature(steps_remaining, max_steps, t_min, t_max)
+    compiled = getattr(ops, "compiled_step", None)
+    if compiled is not None:
+        return StepResult(*compiled(logits, canvas, t, entropy_bound, uniforms, renoise_tokens))
+    return StepResult(*step_with_temperature(ops, logits, canvas, t, entropy_bound, uniforms, renoise_tokens,
+                                             owns_logits))
+
+
+def step_with_temperature(ops: ArrayOps, logits, canvas, t, entropy_bound, uniforms, renoise_tokens,
+                          owns_logits: bool = False) -> tuple:
+    """The step's array program, for a given temperature (a float, or a 0-d array when traced by a compiler)."""
     if owns_logits and hasattr(ops, "tempered_log_softmax"):
         processed, log_probs, probs = ops.tempered_log_softmax(logits, t)
     else:
@@ -65,7 +77,7 @@ def denoise_step(ops: ArrayOps, logits, canvas, *, steps_remaining: int, max_ste
     sampled = ops.sample_categorical(probs, uniforms)
     accepted = entropy_bound_accept(ops, entropy, entropy_bound)
     next_canvas = ops.where(accepted, sampled, renoise_tokens)
-    return StepResult(next_canvas, argmax, probs, ops.mean(entropy), accepted)
+    return next_canvas, argmax, probs, ops.mean(entropy), accepted
 
 
 class StableAndConfident:

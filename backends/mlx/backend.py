@@ -38,6 +38,23 @@ def _log_softmax(x):
     return x - mx.logsumexp(x, axis=-1, keepdims=True)
 
 
+def _compile_step(ops):
+    """The whole sampler step as one compiled graph. Temperature and bound enter as arrays so that the trace is
+    reused for every step and canvas (a Python float would be baked in and recompiled at every new value)."""
+    from dgemma.sampler import step_with_temperature
+
+    def step(logits, canvas, t, bound, uniforms, renoise):
+        return step_with_temperature(ops, logits, canvas, t, bound, uniforms, renoise)
+
+    compiled = mx.compile(step)
+
+    def run(logits, canvas, t, bound, uniforms, renoise):
+        return compiled(logits, canvas, mx.array(t, dtype=mx.float32), mx.array(bound, dtype=mx.float32),
+                        uniforms, renoise)
+
+    return run
+
+
 class MLXOps:
     """The sampler's array primitives on mx.arrays (reductions over the last axis), all lazy.
 
@@ -47,6 +64,7 @@ class MLXOps:
 
     def __init__(self):
         self._pending: list = []
+        self.compiled_step = _compile_step(self)
 
     def defer_check(self, ok, message: str) -> None:
         self._pending.append((ok, message))
