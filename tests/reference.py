@@ -94,3 +94,45 @@ def injected_noise(seeds, vocab_size: int, canvas_length: int):
         gen.DiffusionGemmaGenerationMixin._prepare_denoiser_inputs = orig_prepare
         torch.multinomial = orig_multinomial
         gen.EntropyBoundSampler.initialize_canvas = orig_init
+
+
+def padded(prompts, pad=0):
+    """Left-pad token-id prompts into [B, T] ids and a boolean attention mask."""
+    T = max(map(len, prompts))
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):] = torch.tensor(p)
+        mask[i, T - len(p):] = True
+    return ids, mask
+
+
+class Oracle:
+    """The reference's encoder and decoder passes, called the way its generate() calls them."""
+
+    def __init__(self, path, dtype=torch.float32):
+        self.model = load_reference(path, dtype)
+        self.C = self.model.config.canvas_length
+
+    def prefill(self, ids, mask):
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        self.mask, self.len = mask, ids.shape[1]
+        with torch.no_grad():
+            self.model.model.encoder(input_ids=ids, attention_mask=mask, past_key_values=self.cache,
+                                     position_ids=torch.arange(self.len)[None])
+
+    def denoise(self, canvas, sc=None):
+        dmask = torch.nn.functional.pad(self.mask, (0, self.C), value=True)
+        with torch.no_grad():
+            return self.model(decoder_input_ids=canvas, past_key_values=self.cache, self_conditioning_logits=sc,
+                              decoder_attention_mask=dmask,
+                              decoder_position_ids=torch.arange(self.len, self.len + self.C)[None]).logits
+
+    def commit(self, canvas):
+        self.mask = torch.nn.functional.pad(self.mask, (0, self.C), value=True)
+        with torch.no_grad():
+            self.model.model.encoder(input_ids=canvas, attention_mask=self.mask, past_key_values=self.cache,
+                                     position_ids=torch.arange(self.len, self.len + self.C)[None])
+        self.len += self.C

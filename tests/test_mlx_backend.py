@@ -13,13 +13,12 @@ transformers = pytest.importorskip("transformers")
 
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
 
 import dgemma  # noqa: E402
 from dgemma.backend import backend_class  # noqa: E402
 from dgemma.errors import CheckpointError, InputError  # noqa: E402
 from dgemma.sampler import ScriptedNoise  # noqa: E402
-from reference import injected_noise, load_reference, make_checkpoint  # noqa: E402
+from reference import Oracle, injected_noise, load_reference, make_checkpoint, padded  # noqa: E402
 
 from dgemma.backends.cuda.backend import TorchOps  # noqa: E402
 from dgemma.backends.mlx import MLXBackend, quantize_model  # noqa: E402
@@ -79,45 +78,6 @@ def f32(x):
 def rel(a, b):
     a, b = f32(a), f32(b)
     return float(np.abs(a - b).max() / np.abs(b).max())
-
-
-def padded(prompts, pad=0):
-    T = max(map(len, prompts))
-    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p)
-        mask[i, T - len(p):] = True
-    return ids, mask
-
-
-class Oracle:
-    """The reference's encoder and decoder passes, called the way its generate() calls them."""
-
-    def __init__(self, path, dtype=torch.float32):
-        self.model = load_reference(path, dtype)
-        self.C = self.model.config.canvas_length
-
-    def prefill(self, ids, mask):
-        self.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
-        self.mask, self.len = mask, ids.shape[1]
-        with torch.no_grad():
-            self.model.model.encoder(input_ids=ids, attention_mask=mask, past_key_values=self.cache,
-                                     position_ids=torch.arange(self.len)[None])
-
-    def denoise(self, canvas, sc=None):
-        dmask = torch.nn.functional.pad(self.mask, (0, self.C), value=True)
-        with torch.no_grad():
-            return self.model(decoder_input_ids=canvas, past_key_values=self.cache, self_conditioning_logits=sc,
-                              decoder_attention_mask=dmask,
-                              decoder_position_ids=torch.arange(self.len, self.len + self.C)[None]).logits
-
-    def commit(self, canvas):
-        self.mask = torch.nn.functional.pad(self.mask, (0, self.C), value=True)
-        with torch.no_grad():
-            self.model.model.encoder(input_ids=canvas, attention_mask=self.mask, past_key_values=self.cache,
-                                     position_ids=torch.arange(self.len, self.len + self.C)[None])
-        self.len += self.C
 
 
 def check_cache(oracle, state, tol):

@@ -6,10 +6,9 @@ import torch
 
 import dgemma
 from dgemma.sampler import ScriptedNoise
-from reference import injected_noise, load_reference
+from reference import Oracle, injected_noise, load_reference, padded
 
 transformers = pytest.importorskip("transformers")
-from transformers import DynamicCache  # noqa: E402
 
 
 def as_float(x):
@@ -19,46 +18,6 @@ def as_float(x):
 def rel(a, b):
     a, b = as_float(a), as_float(b)
     return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def padded(prompts, pad=0):
-    T = max(map(len, prompts))
-    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-    mask = torch.zeros(len(prompts), T, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p)
-        mask[i, T - len(p):] = True
-    return ids, mask
-
-
-class Oracle:
-    """Runs the reference's encoder/decoder passes the way its generate() does."""
-
-    def __init__(self, path, dtype=torch.float32):
-        self.model = load_reference(path, dtype)
-        self.C = self.model.config.canvas_length
-
-    def prefill(self, ids, mask):
-        self.cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
-        self.mask = mask
-        self.len = ids.shape[1]
-        with torch.no_grad():
-            self.model.model.encoder(input_ids=ids, attention_mask=mask, past_key_values=self.cache,
-                                     position_ids=torch.arange(self.len)[None])
-
-    def denoise(self, canvas, sc=None):
-        dmask = torch.nn.functional.pad(self.mask, (0, self.C), value=True)
-        with torch.no_grad():
-            return self.model(decoder_input_ids=canvas, past_key_values=self.cache, self_conditioning_logits=sc,
-                              decoder_attention_mask=dmask,
-                              decoder_position_ids=torch.arange(self.len, self.len + self.C)[None]).logits
-
-    def commit(self, canvas):
-        self.mask = torch.nn.functional.pad(self.mask, (0, self.C), value=True)
-        with torch.no_grad():
-            self.model.model.encoder(input_ids=canvas, attention_mask=self.mask, past_key_values=self.cache,
-                                     position_ids=torch.arange(self.len, self.len + self.C)[None])
-        self.len += self.C
 
 
 def check_cache(oracle, state, mask):

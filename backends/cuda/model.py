@@ -7,7 +7,6 @@ float32 RoPE tables cast to the activations' dtype, float32 soft-capped logits).
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
