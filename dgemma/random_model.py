@@ -54,44 +54,25 @@ def build_tokenizer_json() -> str:
 
 
 def random_weights(text: dict, seed: int, dtype=np.float32) -> dict[str, np.ndarray]:
+    """Weights for every tensor of `text_tensor_shapes`: linear layers ~ N(0, 1/fan_in), norm weights and scales
+    near 1, layer scalars 1, embeddings ~ N(0, 0.25)."""
+    from .config import ModelConfig
+    from .weights import text_tensor_shapes
+
+    cfg = ModelConfig.from_dict({"model_type": "diffusion_gemma", "text_config": text})
     rng = np.random.default_rng(seed)
-    H, V, I = text["hidden_size"], text["vocab_size"], text["intermediate_size"]
-    E, MI = text["num_experts"], text["moe_intermediate_size"]
-    nq = text["num_attention_heads"]
-
-    def lin(o, i):
-        return (rng.standard_normal((o, i)) / np.sqrt(i)).astype(dtype)
-
-    def norm(n):
-        return (1.0 + 0.1 * rng.standard_normal(n)).astype(dtype)
-
-    w = {"model.decoder.embed_tokens.weight": rng.standard_normal((V, H)).astype(dtype) * 0.5,
-         "model.decoder.norm.weight": norm(H)}
-    sc = "model.decoder.self_conditioning."
-    w.update({sc + "pre_norm.weight": norm(H), sc + "gate_proj.weight": lin(I, H), sc + "up_proj.weight": lin(I, H),
-              sc + "down_proj.weight": lin(H, I)})
-    per_layer = text.get("per_layer_config", {})
-    for i, kind in enumerate(text["layer_types"]):
-        p = f"model.decoder.layers.{i}."
-        over = per_layer.get(str(i), {})
-        d = over.get("head_dim", text["head_dim"])
-        nkv = over.get("num_key_value_heads", text["num_key_value_heads"])
-        w.update({p + "self_attn.q_proj.weight": lin(nq * d, H), p + "self_attn.k_proj.weight": lin(nkv * d, H),
-                  p + "self_attn.o_proj.weight": lin(H, nq * d), p + "self_attn.q_norm.weight": norm(d),
-                  p + "self_attn.k_norm.weight": norm(d), p + "mlp.gate_proj.weight": lin(I, H),
-                  p + "mlp.up_proj.weight": lin(I, H), p + "mlp.down_proj.weight": lin(H, I),
-                  p + "router.proj.weight": lin(E, H), p + "router.scale": norm(H), p + "router.per_expert_scale": norm(E),
-                  p + "experts.gate_up_proj": (rng.standard_normal((E, 2 * MI, H)) / np.sqrt(H)).astype(dtype),
-                  p + "experts.down_proj": (rng.standard_normal((E, H, MI)) / np.sqrt(MI)).astype(dtype),
-                  p + "layer_scalar": np.ones(1, dtype=dtype)})
-        if kind == "sliding_attention":
-            w[p + "self_attn.v_proj.weight"] = lin(nkv * d, H)
-        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                  "post_feedforward_layernorm", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
-                  "pre_feedforward_layernorm_2"):
-            w[p + n + ".weight"] = norm(H)
-        w[f"model.encoder.language_model.layers.{i}.layer_scalar"] = np.ones(1, dtype=dtype)
-    return w
+    out = {}
+    for name, shape in text_tensor_shapes(cfg).items():
+        if name.endswith("layer_scalar"):
+            w = np.ones(shape)
+        elif len(shape) == 1:
+            w = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name.endswith("embed_tokens.weight"):
+            w = 0.5 * rng.standard_normal(shape)
+        else:
+            w = rng.standard_normal(shape) / np.sqrt(shape[-1])
+        out[name] = w.astype(dtype)
+    return out
 
 
 def write_random_checkpoint(path: str | os.PathLike, seed: int = 0, canvas_length: int = 32) -> Path:

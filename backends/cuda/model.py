@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgemma.config import LayerSpec, ModelConfig
+from dgemma.weights import LAYER_NORMS, text_tensor_shapes
 
 
 def sanitize(name: str) -> str | None:
@@ -224,9 +225,7 @@ class Layer(nn.Module):
         self.mlp = DenseMLP(h, cfg.intermediate_size)
         self.router = Router(cfg)
         self.experts = Experts(cfg)
-        for name in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                     "post_feedforward_layernorm", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
-                     "pre_feedforward_layernorm_2"):
+        for name in LAYER_NORMS:
             setattr(self, name, RMSNorm(h, eps))
         # Buffers in the reference, so the encoder's and the decoder's copies are stored (and may differ).
         self.register_buffer("layer_scalar", torch.ones(1))
@@ -377,25 +376,4 @@ class DiffusionGemmaText(nn.Module):
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor this model needs, by its sanitized name, with its shape from the config."""
-    H, V, I = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
-    E, MI = cfg.num_experts, cfg.moe_intermediate_size
-    out = {"embed_tokens.weight": (V, H), "norm.weight": (H,), "self_conditioning.pre_norm.weight": (H,),
-           "self_conditioning.gate_proj.weight": (I, H), "self_conditioning.up_proj.weight": (I, H),
-           "self_conditioning.down_proj.weight": (H, I)}
-    for i, spec in enumerate(cfg.layers):
-        p, d, nq, nkv = f"layers.{i}.", spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads
-        out.update({
-            p + "self_attn.q_proj.weight": (nq * d, H), p + "self_attn.k_proj.weight": (nkv * d, H),
-            p + "self_attn.o_proj.weight": (H, nq * d), p + "self_attn.q_norm.weight": (d,),
-            p + "self_attn.k_norm.weight": (d,), p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
-            p + "mlp.down_proj.weight": (H, I), p + "router.proj.weight": (E, H), p + "router.scale": (H,),
-            p + "router.per_expert_scale": (E,), p + "experts.gate_up_proj": (E, 2 * MI, H),
-            p + "experts.down_proj": (E, H, MI), p + "layer_scalar": (1,), p + "encoder_layer_scalar": (1,),
-        })
-        if spec.sliding:
-            out[p + "self_attn.v_proj.weight"] = (nkv * d, H)
-        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                  "post_feedforward_layernorm", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
-                  "pre_feedforward_layernorm_2"):
-            out[p + n + ".weight"] = (H,)
-    return out
+    return {sanitize(name): shape for name, shape in text_tensor_shapes(cfg).items()}
