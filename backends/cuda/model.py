@@ -137,12 +137,18 @@ class Experts(nn.Module):
     with bf16, `torch._grouped_mm` runs all experts in one kernel when it is available (checked at first use).
     """
 
+    dense = True  # quantized subclasses store other tensors and only override `expert()`
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.num_experts = E
+
+    def expert(self, e: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (gate_up [2I, H], down [H, I]) weights in the compute dtype."""
+        return self.gate_up_proj[e], self.down_proj[e]
 
     def forward(self, x, weights, idx):
         N, H = x.shape
@@ -151,7 +157,7 @@ class Experts(nn.Module):
         order = torch.argsort(flat, stable=True)
         xs = x.index_select(0, order // k)
         counts = torch.bincount(flat, minlength=self.num_experts)
-        if _grouped_mm_ok(xs):
+        if self.dense and _grouped_mm_ok(xs):
             ys = _grouped_experts(xs, counts, self.gate_up_proj, self.down_proj)
         else:
             ys = torch.empty_like(xs)
@@ -159,9 +165,10 @@ class Experts(nn.Module):
             for e in range(self.num_experts):
                 a, b = bounds[e], bounds[e + 1]
                 if a == b:
-                    continue
-                gate, up = F.linear(xs[a:b], self.gate_up_proj[e]).chunk(2, dim=-1)
-                ys[a:b] = F.linear(gelu_tanh(gate) * up, self.down_proj[e])
+                    continue  # an expert no token chose is never touched (nor dequantized)
+                gate_up, down = self.expert(e, x.dtype)
+                gate, up = F.linear(xs[a:b], gate_up).chunk(2, dim=-1)
+                ys[a:b] = F.linear(gelu_tanh(gate) * up, down)
         # Back to (token, slot) order and a weighted sum over the k slots in one batched matmul: much faster than
         # index_add_ (a scatter) on CPU, and deterministic on GPU.
         unsorted = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, H)

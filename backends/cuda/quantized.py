@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model import Experts
+
 FP8_MAX = 448.0
 
 
@@ -229,12 +231,14 @@ class FP8Linear(nn.Module):
         return F.linear(x, (self.weight.to(torch.float32) * self.weight_scale).to(x.dtype))
 
 
-class Int4Experts(nn.Module):
+class Int4Experts(Experts):
     """Drop-in for model.Experts with int4 gate_up_proj / down_proj; dequantizes only the experts a call uses."""
+
+    dense = False
 
     def __init__(self, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor],
                  group_size: int | None = None):
-        super().__init__()
+        nn.Module.__init__(self)
         self.group_size = group_size
         self.register_buffer("gate_up_packed", gate_up[0])
         self.register_buffer("gate_up_scale", gate_up[1])
@@ -242,58 +246,27 @@ class Int4Experts(nn.Module):
         self.register_buffer("down_scale", down[1])
         self.num_experts = gate_up[0].shape[0]
 
-    def forward(self, x, weights, idx):
-        N, H = x.shape
-        k = idx.shape[1]
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token = order // k
-        xs = x.index_select(0, token)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        ys = torch.empty_like(xs)
-        bounds = [0] + torch.cumsum(counts, 0).tolist()
-        for e in range(self.num_experts):
-            a, b = bounds[e], bounds[e + 1]
-            if a == b:
-                continue
-            gu = dequantize_int4(self.gate_up_packed[e], self.gate_up_scale[e], x.dtype, group_size=self.group_size)
-            dn = dequantize_int4(self.down_packed[e], self.down_scale[e], x.dtype, group_size=self.group_size)
-            gate, up = F.linear(xs[a:b], gu).chunk(2, dim=-1)
-            ys[a:b] = F.linear(F.gelu(gate, approximate="tanh") * up, dn)
-        ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+    def expert(self, e, dtype):
+        return (dequantize_int4(self.gate_up_packed[e], self.gate_up_scale[e], dtype, group_size=self.group_size),
+                dequantize_int4(self.down_packed[e], self.down_scale[e], dtype, group_size=self.group_size))
 
 
-class FP8Experts(nn.Module):
+class FP8Experts(Experts):
     """Drop-in for model.Experts with FP8 gate_up_proj / down_proj (per-row scales), dequantized per used expert."""
 
+    dense = False
+
     def __init__(self, gate_up: tuple[torch.Tensor, torch.Tensor], down: tuple[torch.Tensor, torch.Tensor]):
-        super().__init__()
+        nn.Module.__init__(self)
         self.register_buffer("gate_up_proj", gate_up[0])
         self.register_buffer("gate_up_scale", gate_up[1].float())
         self.register_buffer("down_proj", down[0])
         self.register_buffer("down_scale", down[1].float())
         self.num_experts = gate_up[0].shape[0]
 
-    def forward(self, x, weights, idx):
-        k = idx.shape[1]
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token = order // k
-        xs = x.index_select(0, token)
-        counts = torch.bincount(flat, minlength=self.num_experts)
-        ys = torch.empty_like(xs)
-        bounds = [0] + torch.cumsum(counts, 0).tolist()
-        for e in range(self.num_experts):
-            a, b = bounds[e], bounds[e + 1]
-            if a == b:
-                continue
-            gu = dequantize_fp8(self.gate_up_proj[e], self.gate_up_scale[e], x.dtype)
-            dn = dequantize_fp8(self.down_proj[e], self.down_scale[e], x.dtype)
-            gate, up = F.linear(xs[a:b], gu).chunk(2, dim=-1)
-            ys[a:b] = F.linear(F.gelu(gate, approximate="tanh") * up, dn)
-        ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+    def expert(self, e, dtype):
+        return (dequantize_fp8(self.gate_up_proj[e], self.gate_up_scale[e], dtype),
+                dequantize_fp8(self.down_proj[e], self.down_scale[e], dtype))
 
 
 def install_quantized_modules(model: nn.Module, checkpoint, sanitize, device, dtype=torch.bfloat16) -> set[str]:
