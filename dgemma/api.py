@@ -30,6 +30,7 @@ class GenerationStats:
     tokens_per_forward: float      # non-pad generated tokens / decoder passes, as the reference defines it
     finish_reason: str             # "eos" or "length"
     seconds: float
+    retries: int = 0               # constraint-driven re-denoising rounds (checker / max_retries)
 
     @property
     def tokens_per_second(self) -> float:
@@ -126,29 +127,35 @@ class Model:
 
     # -- generation -------------------------------------------------------------------------------------------------
     def generate(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
-                 **sampler: Any) -> Generation:
+                 checker=None, max_retries: int = 0, on_step=None, **sampler: Any) -> Generation:
         """Generate for one prompt (text, chat messages or token ids). Sampler overrides: max_new_tokens,
         max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold,
-        eos_token_ids, pad_token_id."""
+        eos_token_ids, pad_token_id. `checker(row, canvas_tokens) -> bool mask` turns on constraint-aware sampling
+        (violating tokens are re-noised; a finished canvas that still violates is re-denoised up to `max_retries`
+        times); `on_step(block, step, argmax, accepted)` sees every denoising pass (device arrays)."""
         return self.generate_batch([prompt], seeds=None if seed is None else [seed], chat=chat,
-                                   noises=None if noise is None else [noise], **sampler)[0]
+                                   noises=None if noise is None else [noise], checker=checker,
+                                   max_retries=max_retries, on_step=on_step, **sampler)[0]
 
     def generate_batch(self, prompts: Sequence[Prompt], *, seeds: Sequence[int] | None = None,
-                       chat: bool | None = None, noises=None, **sampler: Any) -> list[Generation]:
+                       chat: bool | None = None, noises=None, checker=None, max_retries: int = 0, on_step=None,
+                       **sampler: Any) -> list[Generation]:
         """Generate for several prompts in one batch (left-padded); each row has its own seed."""
         run, settings, ids, started = self._start(prompts, seeds, chat, noises, sampler)
-        for _ in run_blocks(self.backend, ids, settings, run["noises"], run=run["batch"]):
+        for _ in run_blocks(self.backend, ids, settings, run["noises"], run=run["batch"], checker=checker,
+                            max_retries=max_retries, on_step=on_step):
             pass
         return self._results(run["batch"], settings, ids, time.perf_counter() - started)
 
     def stream(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
-               **sampler: Any) -> Iterator[CanvasChunk]:
+               checker=None, max_retries: int = 0, on_step=None, **sampler: Any) -> Iterator[CanvasChunk]:
         """Yield each committed canvas of one prompt's generation as it is finished."""
         run, settings, ids, _ = self._start([prompt], None if seed is None else [seed], chat,
                                             None if noise is None else [noise], sampler)
         produced = 0
         text_so_far = ""
-        for ev in run_blocks(self.backend, ids, settings, run["noises"], run=run["batch"]):
+        for ev in run_blocks(self.backend, ids, settings, run["noises"], run=run["batch"], checker=checker,
+                             max_retries=max_retries, on_step=on_step):
             toks = _visible(ev.tokens[0].tolist(), settings)[: max(0, settings.max_new_tokens - produced)]
             produced += len(toks)
             chunk_text = ""
@@ -184,7 +191,7 @@ class Model:
                 prompt_tokens=len(ids[r]), generated_tokens=len(toks), canvases=len(steps), decoder_passes=passes,
                 steps_per_canvas=steps, tokens_per_forward=non_pad / passes if passes else 0.0,
                 finish_reason="eos" if hit_eos and len(visible) <= settings.max_new_tokens else "length",
-                seconds=seconds)
+                seconds=seconds, retries=sum(ev.retries[r] for ev in run.canvases))
             text = self.tokenizer.decode(toks) if self.tokenizer is not None else ""
             out.append(Generation(text, toks, stats, raw))
         return out

@@ -59,9 +59,10 @@ def _backend_option(f):
 @click.option("--stream/--no-stream", default=False, help="Print each canvas as it is committed.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt with text, token ids and stats.")
 @click.option("--stats/--no-stats", default=True, help="Print tokens per forward and steps per canvas to stderr.")
+@click.option("--show-canvas", is_flag=True, help="Draw the canvas in the terminal as it denoises (one prompt).")
 def generate(model_path, backend, prompt, prompt_file, chat, max_new_tokens, max_denoising_steps, seed,
              entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, dtype, device, stream, as_json,
-             stats):
+             stats, show_canvas=False):
     """Generate text with the block-diffusion sampler."""
     from .api import load
     from .assets import default_model_path, is_random_default
@@ -81,6 +82,10 @@ def generate(model_path, backend, prompt, prompt_file, chat, max_new_tokens, max
     checkpoint = Checkpoint(path)
     checkpoint.sampler_defaults.updated(**sampler)  # bad sampler values fail before the weights load
     model = load(checkpoint, backend=backend, dtype=dtype, device=device, progress=sys.stderr.isatty())
+    if show_canvas:
+        from .live import show_canvas_cli
+
+        return show_canvas_cli(model, prompts, seed=seed, chat=chat, sampler=sampler, stats=stats)
     if stream and len(prompts) == 1 and not as_json:
         for chunk in model.stream(prompts[0], seed=seed, chat=chat, **sampler):
             click.echo(chunk.text, nl=False)
@@ -122,8 +127,6 @@ def _read_prompts(prompt, prompt_file) -> list[str]:
     return prompts
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
 
 
 @main.command("convert")
@@ -150,3 +153,30 @@ def convert_command(src, dst, to, bits, group_size, mixed, quant, rest, dtype, s
                      force=force, dry_run=dry_run, progress=progress and not dry_run, rest=rest,
                      shard_size_gb=shard_size_gb)
     click.echo(report.format_report())
+
+
+@main.command()
+@click.option("--model", "model_path", default=None, help="Model folder or hub id (default: the shipped model).")
+@_backend_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, help="Requests denoised together (default 16).")
+@click.option("--batching", type=click.Choice(["merged", "exact"]), default="merged", show_default=True,
+              help="merged: one decoder pass for all requests; exact: one per request, bit-identical to solo runs.")
+@click.option("--served-model-name", default=None, help="The model id clients send (default: the folder name).")
+@click.option("--dtype", default=None)
+@click.option("--device", default=None)
+@click.option("--print-vllm-command", is_flag=True, help="Print the `vllm serve` command for this checkpoint and exit.")
+@click.option("--max-model-len", type=int, default=None, help="With --print-vllm-command (default: the config's).")
+def serve(model_path, backend, host, port, max_batch, batching, served_model_name, dtype, device, print_vllm_command,
+          max_model_len):
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from .server import cli_serve
+
+    cli_serve(model_path=model_path, backend=backend, host=host, port=port, max_batch=max_batch, batching=batching,
+              served_model_name=served_model_name, dtype=dtype, device=device,
+              print_vllm_command=print_vllm_command, max_model_len=max_model_len)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
