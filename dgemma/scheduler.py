@@ -1,7 +1,9 @@
 """Block-autoregressive scheduling: prefill, then canvas after canvas of denoising, each committed to the cache.
 
 Batches hold prompts of different lengths, left-padded with an attention mask. Every row carries its own noise source
-(its own seed), so a request gives the same tokens alone or in any batch. Per denoising step only a [B] "done" vector
+(its own seed), so a request draws the same random numbers alone or in any batch; its logits then differ from a solo
+run only by the rounding of batched matmuls (which a random model's self-conditioning can amplify over many steps).
+Per denoising step only a [B] "done" vector
 crosses to the host; the finished canvas [B, C] crosses once per block.
 """
 
