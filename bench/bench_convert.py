@@ -42,7 +42,7 @@ def write_source(folder: Path, layers: int) -> tuple[int, int]:
     from safetensors.torch import save_file
 
     from dgemma.config import ModelConfig
-    from dgemma.convert.plan import numel, text_shapes
+    from dgemma.convert.plan import text_shapes
 
     cfg_raw = real_config(layers)
     folder.mkdir(parents=True, exist_ok=True)

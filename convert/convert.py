@@ -25,9 +25,9 @@ from pathlib import Path
 
 from dgemma.checkpoint import WEIGHTS_INDEX, Checkpoint, resolve_model_path
 from dgemma.config import ModelConfig, read_json
-from dgemma.errors import CheckpointError, ConfigError, DgemmaError, InputError
+from dgemma.errors import CheckpointError, DgemmaError, InputError
 
-from .plan import (CHUNK_BYTES, DTYPE_ALIASES, FLOAT_ST, Action, Target, estimate_peak, logical_from_config,
+from .plan import (CHUNK_BYTES, DTYPE_ALIASES, FLOAT_ST, MAX_WORKERS, Action, Target, estimate_peak, logical_from_config,
                    numel, optional_text_tensor, plan_conversion, text_shapes, vision_shapes)
 
 FORMATS = ("hf", "mlx", "cuda")
@@ -94,7 +94,7 @@ def make_target(to: str, bits=None, group_size=None, mixed=False, quant=None, dt
             raise InputError(f"--dtype {dtype!r} is not supported; choose bfloat16, float16 or float32")
         dtype = DTYPE_ALIASES[str(dtype).lower()]
     if bits is not None and to != "mlx":
-        raise InputError(f"--bits is for --to mlx; for --to cuda use --quant fp8|int4")
+        raise InputError("--bits is for --to mlx; for --to cuda use --quant fp8|int4")
     if mixed and to != "mlx":
         raise InputError("--mixed is for --to mlx")
     if quant is not None and to != "cuda":
@@ -248,43 +248,107 @@ def _tensor_bytes(t):
     return t.view(torch.uint8).numpy() if t.numel() else b""
 
 
-def _run_action(a: Action, t, source, writer, bar) -> None:
-    import torch
+def _workers() -> int:
+    """Chunks quantized at once: one per CPU available to this process (capped: memory grows with it)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_WORKERS))
 
+
+def _chunks(a: Action, t):
+    """(flat, [(r0, r1), ...], rows) for one action. Plain, mlx and int4 sources are cut into rows of their
+    [-1, last dim] view (the quantizers work on the last axis, and every stored part has the same leading dims), so a
+    chunk of experts is a few hundred rows, not a whole 16 MB expert; fp8 sources (whose scales may be block-wise) by
+    dim 0. Chunks hold about CHUNK_BYTES of float32: the working set of a chunk stays in the CPU caches."""
+    shape = t.shape
+    if not shape:
+        return False, [(None, None)], 1
+    flat = len(shape) >= 2 and t.kind in ("plain", "mlx", "int4")
+    rows = numel(shape[:-1]) if flat else shape[0]
+    row_elems = shape[-1] if flat else numel(shape[1:])
+    step = max(1, CHUNK_BYTES // (4 * max(1, row_elems)))
+    return flat, [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)], rows
+
+
+def _compute(a: Action, t, source, r0, r1, flat: bool) -> list:
+    """Read one chunk and convert it: the raw bytes of each output's piece (runs on a worker thread; torch releases
+    the GIL in its kernels and preadv in the read)."""
     from . import quant
     from .source import TORCH_FLOAT
 
-    shape = t.shape
-    rows = shape[0] if shape else 1
-    row_elems = numel(shape[1:]) if len(shape) > 1 else 1
-    step = max(1, CHUNK_BYTES // (4 * row_elems)) if shape else 1
-    handles: dict = {}
     out_dt = TORCH_FLOAT[a.out_dtype]
-    per_row = {o.name: (o.nbytes // rows if shape else o.nbytes) for o in a.outputs}
-    try:
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            x = source.read(t, handles, r0, r1) if shape else source.read(t, handles, None, None)
-            if a.method == "copy":
-                y = x.to(out_dt) if x.is_floating_point() else x
-                pieces = [y]
-            elif a.method == "mlx":
-                pieces = list(quant.mlx_quantize(x.to(out_dt), a.bits, a.group_size, out_dt))
-            elif a.method == "fp8":
-                pieces = list(quant.fp8_quantize(x))
-            elif a.method == "int4":
-                pieces = list(quant.int4_quantize(x, a.group_size))
-            else:  # pragma: no cover
-                raise AssertionError(a.method)
+    x = source.read(t, {}, r0, r1, flat=flat)
+    # x is this chunk's own fresh tensor: the quantizers may use it (or its cast) as scratch space
+    if a.method == "copy":
+        pieces = [x.to(out_dt) if x.is_floating_point() else x]
+    elif a.method == "mlx":
+        pieces = quant.mlx_quantize(x.to(out_dt), a.bits, a.group_size, out_dt, overwrite=True)
+    elif a.method == "fp8":
+        pieces = quant.fp8_quantize(x, overwrite=True)
+    elif a.method == "int4":
+        pieces = quant.int4_quantize(x, a.group_size, overwrite=True)
+    else:  # pragma: no cover
+        raise AssertionError(a.method)
+    return [_tensor_bytes(p) for p in pieces]
+
+
+def _run_actions(actions: list[Action], source, writer, bar, rep) -> None:
+    """Convert every action, chunk by chunk: worker threads read and quantize up to 2 x workers chunks ahead while
+    this thread writes finished chunks, in order, to their final offsets. torch runs single-threaded per op meanwhile
+    (chunks, not ops, are spread over the cores: no per-op thread barriers, which stall badly on a busy machine)."""
+    import torch
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gc
+
+    workers = _workers()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the loop makes no reference cycles; full collections over torch's objects cost a few % of CPU
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="dgemma-convert")
+    pending: deque = deque()
+
+    def complete_one() -> None:
+        kind, a, t, *rest = pending.popleft()
+        if kind == "chunk":
+            r0, r1, rows, fut = rest
+            pieces = fut.result()
             for o, p in zip(a.outputs, pieces):
-                writer.write(o.name, r0 * per_row[o.name], _tensor_bytes(p))
-            bar.update(t.stored_bytes * (r1 - r0) // rows)
+                per_row = o.nbytes // rows if t.shape else o.nbytes
+                writer.write(o.name, (r0 or 0) * per_row, p)
+            bar.update(t.stored_bytes * ((r1 - r0) if t.shape else 1) // rows)
+            return
         if a.method == "int4":
-            writer.write(a.outputs[2].name, 0, _tensor_bytes(torch.tensor(list(shape), dtype=torch.int64)))
+            writer.write(a.outputs[2].name, 0, _tensor_bytes(torch.tensor(list(t.shape), dtype=torch.int64)))
         for o in a.outputs:
             writer.finish_tensor(o.name)
+        rep.src_bytes += t.stored_bytes
+
+    try:
+        in_flight = 0
+        for i, a in enumerate(actions):
+            t = source.tensors[a.src]
+            bar.set_postfix_str(f"tensor {i + 1}/{len(actions)}", refresh=False)
+            flat, chunks, rows = _chunks(a, t)
+            for r0, r1 in chunks:
+                while in_flight >= 2 * workers:
+                    if pending[0][0] == "chunk":
+                        in_flight -= 1
+                    complete_one()
+                pending.append(("chunk", a, t, r0, r1, rows, pool.submit(_compute, a, t, source, r0, r1, flat)))
+                in_flight += 1
+            pending.append(("end", a, t))
+        while pending:
+            complete_one()
     finally:
-        handles.clear()
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+        if gc_was_enabled:
+            gc.enable()
 
 
 def convert(src, dst=None, to: str = "hf", bits: int | None = None, group_size: int | None = None,
@@ -355,11 +419,7 @@ def convert(src, dst=None, to: str = "hf", bits: int | None = None, group_size: 
         total = sum(source.tensors[a.src].stored_bytes for a in plan.actions)
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to {target.to}", disable=not progress,
                   leave=False) as bar:
-            for i, a in enumerate(plan.actions):
-                t = source.tensors[a.src]
-                bar.set_postfix_str(f"tensor {i + 1}/{len(plan.actions)}", refresh=False)
-                _run_action(a, t, source, writer, bar)
-                rep.src_bytes += t.stored_bytes
+            _run_actions(plan.actions, source, writer, bar, rep)
         writer.write_index({"dgemma_format": target.to, "dgemma_target": target.describe()})
         (tmp / "config.json").write_text(json.dumps(_output_config(ckpt.raw_config, plan, out_dtype), indent=2) + "\n")
         _carry_files(src_path, tmp)
@@ -371,6 +431,7 @@ def convert(src, dst=None, to: str = "hf", bits: int | None = None, group_size: 
         else:
             os.rename(tmp, dst)
     except BaseException as e:
+        source.close()
         if writer is not None:
             writer.close_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -381,6 +442,7 @@ def convert(src, dst=None, to: str = "hf", bits: int | None = None, group_size: 
                 raise CheckpointError(f"{parent}: disk full while writing the output; nothing was written to {dst}") from None
             raise CheckpointError(f"{dst}: could not write the output ({e.strerror or e}); nothing was written") from None
         raise
+    source.close()
     rep.seconds = time.perf_counter() - t0
     rep.peak_rss_bytes = peak_rss_bytes()
     if progress:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from dgemma.weights import is_optional, text_tensor_shapes
+
 ST_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "U8": 1, "I8": 1, "U16": 2,
             "I16": 2, "U32": 4, "I32": 4, "I64": 8, "U64": 8, "BOOL": 1}
 FLOAT_ST = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
@@ -234,35 +236,10 @@ def cuda_quantization_config(target: Target, ignore: list[str]) -> dict:
 # -- logical tensors from config.json alone (dry run) ------------------------------------------------------------------
 def text_shapes(cfg) -> dict[str, tuple[int, ...]]:
     """Every text tensor of the Hugging Face layout with its shape, from a dgemma ModelConfig."""
-    H, V, I = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
-    E, MI = cfg.num_experts, cfg.moe_intermediate_size
-    d = "model.decoder."
-    out = {d + "embed_tokens.weight": (V, H), d + "norm.weight": (H,), d + "self_conditioning.pre_norm.weight": (H,),
-           d + "self_conditioning.gate_proj.weight": (I, H), d + "self_conditioning.up_proj.weight": (I, H),
-           d + "self_conditioning.down_proj.weight": (H, I)}
-    for i, spec in enumerate(cfg.layers):
-        p, hd, nq, nkv = f"{d}layers.{i}.", spec.head_dim, cfg.num_attention_heads, spec.num_kv_heads
-        out.update({
-            p + "self_attn.q_proj.weight": (nq * hd, H), p + "self_attn.k_proj.weight": (nkv * hd, H),
-            p + "self_attn.o_proj.weight": (H, nq * hd), p + "self_attn.q_norm.weight": (hd,),
-            p + "self_attn.k_norm.weight": (hd,), p + "mlp.gate_proj.weight": (I, H), p + "mlp.up_proj.weight": (I, H),
-            p + "mlp.down_proj.weight": (H, I), p + "router.proj.weight": (E, H), p + "router.scale": (H,),
-            p + "router.per_expert_scale": (E,), p + "experts.gate_up_proj": (E, 2 * MI, H),
-            p + "experts.down_proj": (E, H, MI), p + "layer_scalar": (1,),
-        })
-        if spec.sliding:
-            out[p + "self_attn.v_proj.weight"] = (nkv * hd, H)
-        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                  "post_feedforward_layernorm", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2",
-                  "pre_feedforward_layernorm_2"):
-            out[p + n + ".weight"] = (H,)
-        out[f"model.encoder.language_model.layers.{i}.layer_scalar"] = (1,)
-    return out
+    return text_tensor_shapes(cfg)
 
 
-def optional_text_tensor(name: str) -> bool:
-    """Tensors a checkpoint may omit (the loaders fall back to the decoder's copy)."""
-    return name.startswith("model.encoder.language_model.") and name.endswith(".layer_scalar")
+optional_text_tensor = is_optional
 
 
 def vision_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
@@ -301,22 +278,24 @@ def logical_from_config(cfg, dtype: str) -> list[LogicalInfo]:
 
 
 # -- memory model -------------------------------------------------------------------------------------------------------
-CHUNK_BYTES = 16 << 20          # float32 working chunk per step (rows or experts of one tensor); small enough
-                                # that malloc reuses freed blocks instead of mmap/munmap churn per op
+CHUNK_BYTES = 4 << 20           # float32 working chunk per step (rows of one tensor's [-1, last dim] view): small
+                                # enough that the quantizer's passes over it stay in the CPU caches
+MAX_WORKERS = 8                 # chunks converted at once (one per CPU, at most this many)
+IN_FLIGHT = 2 * MAX_WORKERS     # chunks read ahead / waiting to be written, at most
 BASE_RSS = 600 << 20            # python + torch + safetensors, measured on CPU
-WORK_FACTOR = 8                 # float32 copies alive while one chunk is quantized
-MMAP_RESIDENT = True            # pages of the tensor being read stay mapped until it is done (safe_open mmap)
+WORK_FACTOR = 4                 # float32 copies alive while one chunk is quantized
+MMAP_RESIDENT = False           # rows are read with preadv into the chunk itself: nothing else of the source is mapped
 
 
 def estimate_peak(actions: list[Action], shapes: dict[str, tuple[int, ...]]) -> int:
     """Peak resident memory of the streaming conversion: base + the largest per-chunk working set. Independent of
-    the model size by construction: the largest tensor is streamed in chunks of whole rows / experts."""
+    the model size by construction: the largest tensor is streamed in chunks of rows, IN_FLIGHT chunks at a time."""
     worst = 0
     for a in actions:
         shape = shapes[a.src]
         n = numel(shape)
-        row = numel(shape[1:]) if len(shape) > 1 else n
-        rows = max(1, min(shape[0] if shape else 1, CHUNK_BYTES // max(1, 4 * row)))
+        row = shape[-1] if len(shape) > 1 else n
+        rows = max(1, min(n // max(1, row), CHUNK_BYTES // max(1, 4 * row)))
         chunk = min(n, rows * row)
-        worst = max(worst, chunk * 4 * WORK_FACTOR + (n * 4 if MMAP_RESIDENT else 0) // 2)
+        worst = max(worst, chunk * 4 * WORK_FACTOR * IN_FLIGHT + (n * 4 if MMAP_RESIDENT else 0) // 2)
     return BASE_RSS + worst

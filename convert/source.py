@@ -7,6 +7,9 @@ of tensors already converted do not pile up in the process.
 
 from __future__ import annotations
 
+import json
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +22,38 @@ from . import quant
 from .plan import FLOAT_ST, ST_BYTES, ST_FLOAT, LogicalInfo, numel
 
 TORCH_FLOAT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "U8": torch.uint8, "I8": torch.int8,
+            "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _name):
+        ST_TORCH[_code] = getattr(torch, _name)
+
+
+def _read_offsets(fd: int) -> dict[str, tuple[int, int]]:
+    """name -> absolute [begin, end) byte range of each tensor's data in a safetensors file."""
+    head = os.pread(fd, 8, 0)
+    if len(head) != 8:
+        raise ValueError("not a safetensors file (shorter than its header)")
+    n = int.from_bytes(head, "little")
+    if n > 100 << 20:
+        raise ValueError("not a safetensors file (header too large)")
+    raw = os.pread(fd, n, 8)
+    if len(raw) != n:
+        raise ValueError("not a safetensors file (truncated header)")
+    header = json.loads(raw)
+    base = 8 + n
+    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def _pread_exact(fd: int, buf, offset: int) -> None:
+    view = memoryview(buf).cast("B")
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n <= 0:
+            raise EOFError("file is shorter than its header says")
+        view, offset = view[n:], offset + n
 
 
 @dataclass
@@ -54,6 +89,9 @@ class Source:
         dt = str(self.raw.get("dtype") or self.raw.get("torch_dtype") or "bfloat16")
         self.logical_dtype = dt if dt in FLOAT_ST else "bfloat16"
         self.tensors: dict[str, Logical] = {}
+        self._fds: dict[Path, int] = {}
+        self._data_offsets: dict[Path, dict[str, tuple[int, int]]] = {}
+        self._lock = threading.Lock()
         self._build()
         kinds = {t.kind for t in self.tensors.values()}
         if self.mlx_quant or any(n.endswith((".experts.gate_up_proj.weight", ".experts.down_proj.weight"))
@@ -139,35 +177,107 @@ class Source:
             self.tensors[logical] = Logical(logical, tuple(info.shape), dtype, "plain", {"weight": n}, stored_bytes=self._size(n))
 
     # -- reading ---------------------------------------------------------------------------------------------------
-    def read_part(self, handles: dict, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+    # Rows are read with os.preadv straight into a fresh tensor (no memory map: nothing but the chunk becomes resident,
+    # and the GIL is released while the kernel copies, so reads overlap the quantization of other chunks). Positional
+    # reads on one descriptor per shard are thread-safe. Without preadv (old macOS) safetensors' safe_open is used.
+    def _fd(self, f: Path) -> int:
+        fd = self._fds.get(f)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(f)
+                if fd is None:
+                    try:
+                        fd = os.open(str(f), os.O_RDONLY)
+                        self._data_offsets[f] = _read_offsets(fd)
+                    except (OSError, ValueError) as e:
+                        if fd is not None:
+                            os.close(fd)
+                        raise CheckpointError(f"{f}: could not open ({e})") from None
+                    self._fds[f] = fd
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._fds.clear()
+
+    def read_part(self, handles: dict, name: str, start: int | None = None, stop: int | None = None,
+                  flat: bool = False) -> torch.Tensor:
+        """Rows [start:stop] of a stored tensor along dim 0, or, with `flat`, of its [-1, last dim] view."""
+        info = self.stored[name]
+        dtype = ST_TORCH.get(info.dtype)
+        if dtype is None or not hasattr(os, "preadv"):
+            return self._read_part_safe_open(handles, name, start, stop, flat)
+        f = info.file
+        fd = self._fd(f)
+        shape = tuple(info.shape)
+        item = ST_BYTES[info.dtype]
+        begin, end = self._data_offsets[f].get(name, (None, None))
+        if begin is None or end - begin != numel(shape) * item:
+            raise CheckpointError(f"{f}: could not read tensor {name} (its header entry does not match the index)")
+        if start is not None and shape:
+            if flat and len(shape) > 1:
+                row_shape, n_rows = (shape[-1],), numel(shape[:-1])
+            else:
+                row_shape, n_rows = shape[1:], shape[0]
+            start, stop = max(0, start), min(n_rows, stop if stop is not None else n_rows)
+            stop = max(start, stop)
+            out_shape = (stop - start,) + tuple(row_shape)
+            begin += start * numel(row_shape) * item
+        else:
+            out_shape = shape
+        out = torch.empty(out_shape, dtype=dtype)
+        n = out.numel() * item
+        if n:
+            try:
+                _pread_exact(fd, out.reshape(-1).view(torch.uint8).numpy(), begin)
+            except (OSError, EOFError) as e:
+                raise CheckpointError(f"{f}: could not read tensor {name} ({e})") from None
+        return out
+
+    def _read_part_safe_open(self, handles: dict, name: str, start, stop, flat: bool) -> torch.Tensor:
         info = self.stored[name]
         f = info.file
-        if f not in handles:
-            from safetensors import safe_open
+        with self._lock:  # safe_open handles are not shared across threads
+            if f not in handles:
+                from safetensors import safe_open
 
+                try:
+                    handles[f] = safe_open(str(f), framework="pt")
+                except (OSError, RuntimeError, ValueError) as e:
+                    raise CheckpointError(f"{f}: could not open ({e})") from None
+            h = handles[f]
             try:
-                handles[f] = safe_open(str(f), framework="pt")
+                if start is None or len(info.shape) == 0:
+                    return h.get_tensor(name)
+                if flat and len(info.shape) > 2:
+                    K = info.shape[-1]
+                    inner = numel(info.shape[1:-1])
+                    d0, d1 = start // inner, -(-stop // inner)
+                    block = h.get_slice(name)[d0:d1].reshape(-1, K)
+                    return block[start - d0 * inner: stop - d0 * inner].clone()
+                x = h.get_slice(name)[start:stop]
+                return x.reshape(-1, info.shape[-1]) if flat and len(info.shape) > 1 else x
             except (OSError, RuntimeError, ValueError) as e:
-                raise CheckpointError(f"{f}: could not open ({e})") from None
-        h = handles[f]
-        try:
-            if start is None or len(info.shape) == 0:
-                return h.get_tensor(name)
-            return h.get_slice(name)[start:stop]
-        except (OSError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{f}: could not read tensor {name} ({e})") from None
+                raise CheckpointError(f"{f}: could not read tensor {name} ({e})") from None
 
-    def read(self, t: Logical, handles: dict, start: int, stop: int) -> torch.Tensor:
-        """Rows [start:stop] (dim 0) of a logical tensor: plain tensors in their stored dtype, quantized ones as
-        float32."""
+    def read(self, t: Logical, handles: dict, start: int, stop: int, flat: bool = False) -> torch.Tensor:
+        """Rows [start:stop] (dim 0; with `flat`, rows of the [-1, last dim] view, for kinds plain, mlx and int4) of a
+        logical tensor: plain tensors in their stored dtype, quantized ones as float32."""
         if t.kind == "plain":
-            return self.read_part(handles, t.parts["weight"], start, stop)
+            return self.read_part(handles, t.parts["weight"], start, stop, flat)
         if t.kind == "mlx":
-            packed = self.read_part(handles, t.parts["weight"], start, stop)
-            scales = self.read_part(handles, t.parts["scales"], start, stop)
-            biases = self.read_part(handles, t.parts["biases"], start, stop)
+            packed = self.read_part(handles, t.parts["weight"], start, stop, flat)
+            scales = self.read_part(handles, t.parts["scales"], start, stop, flat)
+            biases = self.read_part(handles, t.parts["biases"], start, stop, flat)
             return quant.mlx_dequantize(packed, scales, biases, t.bits, t.group_size)
         if t.kind == "fp8":
+            if flat:
+                raise AssertionError("fp8 sources are read by dim-0 rows")
             if "scale" not in t._cache:
                 t._cache["scale"] = self.read_part(handles, t.parts["scale"])
             q = self.read_part(handles, t.parts["weight"], start, stop)
@@ -176,8 +286,8 @@ class Source:
             except ValueError as e:
                 raise CheckpointError(f"{self.stored[t.parts['scale']].file}: {t.name}: {e}") from None
         if t.kind == "int4":
-            packed = self.read_part(handles, t.parts["packed"], start, stop)
-            scale = self.read_part(handles, t.parts["scale"], start, stop)
+            packed = self.read_part(handles, t.parts["packed"], start, stop, flat)
+            scale = self.read_part(handles, t.parts["scale"], start, stop, flat)
             return quant.int4_dequantize(packed, scale, t.group_size)
         raise AssertionError(t.kind)  # pragma: no cover
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgemma.convert.quant import infer_group
+
 from .model import Experts
 
 FP8_MAX = 448.0
@@ -55,15 +57,6 @@ def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloat
     return (weight.float() * _expand_scale(scale.to(weight.device), weight.shape)).to(dtype)
 
 
-def _infer_group(K: int, n: int) -> int:
-    if K % n == 0:
-        return K // n
-    for g in (16, 32, 64, 128, 256, 512, 1024):
-        if -(-K // g) == n:
-            return g
-    raise ValueError(f"no group size splits {K} values into {n} groups")
-
-
 def checkpoint_group_size(checkpoint) -> int | None:
     """The int4 group size recorded in config.json (dgemma_layout), if any."""
     qc = checkpoint.raw_config.get("quantization_config") or {}
@@ -76,7 +69,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloa
     p = packed.to(torch.int16)
     q = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(*p.shape[:-1], -1).float() - 8.0
     K = q.shape[-1]
-    g = group_size or _infer_group(K, scale.shape[-1])
+    g = group_size or infer_group(K, scale.shape[-1])
     w = q * scale.float().repeat_interleave(g, dim=-1)[..., :K]
     if shape is not None and tuple(int(s) for s in shape) != tuple(w.shape):
         raise ValueError(f"int4 tensor unpacks to {tuple(w.shape)}, its _shape says {tuple(int(s) for s in shape)}")
