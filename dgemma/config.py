@@ -28,6 +28,22 @@ class LayerSpec:
     # the whole head_dim and zero-fills the rest, which is not the same as "default" RoPE on a smaller dim.
     partial_rotary_factor: float
     rope_type: str
+    rope_factor: float = 1.0
+
+    def rope_inv_freq(self):
+        """RoPE inverse frequencies (numpy float32, head_dim // 2 of them) exactly as the reference builds them:
+        "proportional" keeps the denominator at the whole head_dim and zero-fills the dims that do not rotate."""
+        import numpy as np
+
+        if self.rope_type == "proportional":
+            angles = int(self.partial_rotary_factor * self.head_dim // 2)
+            exps = np.arange(0, 2 * angles, 2, dtype=np.int64).astype(np.float32) / np.float32(self.head_dim)
+            rot = (1.0 / (np.float32(self.rope_theta) ** exps)).astype(np.float32)
+            inv = np.concatenate([rot, np.zeros(self.head_dim // 2 - angles, np.float32)])
+            return (inv / np.float32(self.rope_factor)).astype(np.float32)
+        dim = int(self.head_dim * self.partial_rotary_factor)
+        exps = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+        return (1.0 / (np.float32(self.rope_theta) ** exps)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,13 @@ class ModelConfig:
     @property
     def embed_scale(self) -> float:
         return self.hidden_size**0.5
+
+    def rope_inv_freqs(self) -> dict:
+        """{"sliding": ..., "full": ...} inverse frequencies (numpy float32) of the two kinds of attention layer."""
+        out = {}
+        for spec in self.layers:
+            out.setdefault("sliding" if spec.sliding else "full", spec.rope_inv_freq())
+        return out
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config.json") -> "ModelConfig":
@@ -127,9 +150,8 @@ class ModelConfig:
                 raise ConfigError(f"{source}: rope_type {rope_type!r} for {kind} layers is not supported")
             if n_heads % kv:
                 raise ConfigError(f"{source}: layer {i}: {n_heads} query heads do not divide into {kv} KV heads")
-            specs.append(
-                LayerSpec(sliding, hd, kv, float(r["rope_theta"]), float(r.get("partial_rotary_factor", 1.0)), rope_type)
-            )
+            specs.append(LayerSpec(sliding, hd, kv, float(r["rope_theta"]), float(r.get("partial_rotary_factor", 1.0)),
+                                   rope_type, float(r.get("factor", 1.0))))
 
         eos = cfg.get("eos_token_id", text.get("eos_token_id"))
         eos_ids = tuple(eos if isinstance(eos, list) else ([] if eos is None else [eos]))

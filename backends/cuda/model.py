@@ -52,30 +52,13 @@ def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
 
-def rope_inv_freq(spec: LayerSpec, factor: float = 1.0) -> torch.Tensor:
-    if spec.rope_type == "proportional":
-        angles = int(spec.partial_rotary_factor * spec.head_dim // 2)
-        rot = 1.0 / (spec.rope_theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.int64).float() / spec.head_dim))
-        inv = torch.cat([rot, torch.zeros(spec.head_dim // 2 - angles)]) if spec.head_dim // 2 > angles else rot
-        return inv / factor
-    dim = int(spec.head_dim * spec.partial_rotary_factor)
-    return 1.0 / (spec.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-
-
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
 
 def rope_inv_freqs(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    factors = {kind: float((params or {}).get("factor", 1.0))
-               for kind, params in (cfg.raw.get("text_config", {}).get("rope_parameters") or {}).items()}
-    out = {}
-    for spec in cfg.layers:
-        key = "sliding" if spec.sliding else "full"
-        if key not in out:
-            out[key] = rope_inv_freq(spec, factors.get(f"{key}_attention", 1.0))
-    return out
+    return {kind: torch.from_numpy(inv) for kind, inv in cfg.rope_inv_freqs().items()}
 
 
 class Attention(nn.Module):

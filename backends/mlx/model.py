@@ -120,31 +120,6 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_inv_freq(spec: LayerSpec, factor: float = 1.0) -> np.ndarray:
-    """Inverse frequencies in float32 exactly as the reference builds them ("proportional" keeps the denominator at
-    the whole head_dim and zero-fills the dims that do not rotate)."""
-    if spec.rope_type == "proportional":
-        angles = int(spec.partial_rotary_factor * spec.head_dim // 2)
-        exps = (np.arange(0, 2 * angles, 2, dtype=np.int64).astype(np.float32) / np.float32(spec.head_dim))
-        rot = (1.0 / (np.float32(spec.rope_theta) ** exps)).astype(np.float32)
-        inv = np.concatenate([rot, np.zeros(spec.head_dim // 2 - angles, np.float32)])
-        return (inv / np.float32(factor)).astype(np.float32)
-    dim = int(spec.head_dim * spec.partial_rotary_factor)
-    exps = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    return (1.0 / (np.float32(spec.rope_theta) ** exps)).astype(np.float32)
-
-
-def rope_inv_freqs(cfg: ModelConfig) -> dict[str, np.ndarray]:
-    factors = {kind: float((params or {}).get("factor", 1.0))
-               for kind, params in (cfg.raw.get("text_config", {}).get("rope_parameters") or {}).items()}
-    out = {}
-    for spec in cfg.layers:
-        key = "sliding" if spec.sliding else "full"
-        if key not in out:
-            out[key] = rope_inv_freq(spec, factors.get(f"{key}_attention", 1.0))
-    return out
-
-
 # -- layers ------------------------------------------------------------------------------------------------------
 def _attention_reduced_cpu(q, k, v, mask):
     """bf16/fp16 attention on the CPU as PyTorch's CPU flash kernel (which the reference runs) computes it: scores,
@@ -360,7 +335,7 @@ class DiffusionGemmaText(nn.Module):
         self.layers = [Layer(cfg, spec) for spec in cfg.layers]
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_conditioning = SelfConditioning(cfg)
-        self._inv_freq = {k: mx.array(v) for k, v in rope_inv_freqs(cfg).items()}  # not a parameter (leading _)
+        self._inv_freq = {k: mx.array(v) for k, v in cfg.rope_inv_freqs().items()}  # not a parameter (leading _)
         self._softcap = None if cfg.final_logit_softcapping is None else mx.array(cfg.final_logit_softcapping,
                                                                                   dtype=mx.float32)
 
