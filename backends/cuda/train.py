@@ -1,0 +1,560 @@
+"""Fine-tuning DiffusionGemma in PyTorch: the block-diffusion objective, LoRA, resumable training, HF export.
+
+The objective (DESIGN.md section 3, NeMo AutoModel's recipe): the encoder runs causally over the prompt, with
+gradients, producing the KV cache the decoder reads, and its ordinary next-token loss is added; each example draws
+t ~ U(0, 1) and every target token is replaced by a uniform random token with probability t; the decoder's
+cross-entropy over the whole canvas is the diffusion loss (no 1/t weight). Self-conditioning is trained with
+probability 0.5 per example: a first decoder pass without it (no gradient), then the training pass fed the first
+pass's detached softmax (rows not chosen get zeros, which is exactly "no self-conditioning": the self-conditioning MLP
+of a zero vector is zero).
+
+`encode_train` / `decode_train` mirror `DiffusionGemmaText.encode` / `.decode` op for op (model.py stays the
+inference code): the encoder also runs the last layer (inference skips it) to get hidden states for the next-token
+loss, and the soft cap is applied out of place so autograd can differentiate it. tests/test_train.py checks that both
+give the inference passes' numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from dgemma.config import ModelConfig
+
+from .model import DiffusionGemmaText, KVState, gelu_tanh, rms_norm, sanitize
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1.5e-4
+    batch: int = 16
+    steps: int = 2000
+    seed: int = 0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0
+    lora_rank: int = 0                    # 0: full fine-tuning
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    self_conditioning_p: float = 0.5
+    encoder_loss_weight: float = 1.0
+    encoder_sees_target: bool = False     # encoder next-token loss over prompt + clean target (KV still prompt-only)
+    eval_every: int = 0                   # 0: no periodic evaluation
+    save_every: int = 0                   # 0: only at the end
+    device: str = "cpu"
+
+    def __post_init__(self):
+        self.lora_targets = tuple(self.lora_targets)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Differentiable forward passes (mirrors of model.encode / model.decode)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def logits_train(model: DiffusionGemmaText, h: torch.Tensor) -> torch.Tensor:
+    """`model.logits` without the in-place soft cap (autograd needs tanh's output intact)."""
+    x = F.linear(h, model.embed_tokens.weight).float()
+    cap = model.cfg.final_logit_softcapping
+    if cap is not None:
+        x = torch.tanh(x / cap) * cap
+    return x
+
+
+def encode_train(model: DiffusionGemmaText, ids: torch.Tensor, valid: torch.Tensor | None = None,
+                 cache_length: int | None = None) -> tuple[KVState, torch.Tensor]:
+    """`model.encode(ids, valid, None)` with gradients, also running the last layer: (the KV cache of the first
+    `cache_length` positions (default all), the final-normed hidden states [B, T, H] for next-token logits).
+    Causal attention means the cache of a prefix does not depend on what follows it, so the encoder may see
+    prompt + target while the decoder reads only the prompt's cache."""
+    B, T = ids.shape
+    dev = ids.device
+    if valid is None:
+        valid = torch.ones_like(ids, dtype=torch.bool)
+    P = T if cache_length is None else cache_length
+    has_padding = bool((~valid[:, :P]).any().item())
+    x = model.embed(ids)
+    pos = torch.arange(0, T, device=dev)
+    tables = model.rope(pos, x.dtype)
+    keys, values = [], []
+    W = model.cfg.sliding_window
+    for layer in model.layers:
+        spec = layer.spec
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        cos, sin = tables["sliding" if spec.sliding else "full"]
+        q, k, v = attn.project(h, cos, sin)
+        kpos = pos
+        allowed = kpos[None, :] <= pos[:, None]
+        if spec.sliding:
+            allowed = allowed & (pos[:, None] - kpos[None, :] < W)
+        allowed = allowed[None, None] & valid[:, None, None, :]
+        allowed = allowed | (kpos[None, :] == pos[:, None])[None, None]
+        keep = min(P, W - 1) if spec.sliding else P
+        keys.append(k[:, :, P - keep:P])
+        values.append(v[:, :, P - keep:P])
+        a = attn.attend(q, k, v, allowed)
+        x = x + layer.post_attention_layernorm(a)
+        x = layer.feed_forward(x, layer.encoder_layer_scalar)
+    return KVState(keys, values, valid[:, :P], P, has_padding), model.norm(x)
+
+
+def decode_train(model: DiffusionGemmaText, canvas: torch.Tensor, state: KVState,
+                 sc_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """`model.decode` with gradients: float32 soft-capped logits [B, C, V]."""
+    B, C = canvas.shape
+    dev = canvas.device
+    x = model.embed(canvas)
+    sc = model.self_conditioning
+    if sc_probs is not None:
+        w = model.embed_tokens.weight
+        scale = torch.tensor(model.cfg.embed_scale, dtype=torch.float32).to(x.dtype)
+        soft = torch.matmul(sc_probs.to(w.dtype), w) * scale
+        s = sc.pre_norm(soft)
+        x = x + sc.down_proj(gelu_tanh(sc.gate_proj(s)) * sc.up_proj(s))
+    x = rms_norm(x, None, model.cfg.rms_norm_eps)
+    pos = torch.arange(state.length, state.length + C, device=dev)
+    tables = model.rope(pos, x.dtype)
+    for i, layer in enumerate(model.layers):
+        spec = layer.spec
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        cos, sin = tables["sliding" if spec.sliding else "full"]
+        q, k, v = attn.project(h, cos, sin)
+        k = torch.cat([state.keys[i], k], dim=2)
+        v = torch.cat([state.values[i], v], dim=2)
+        mask = None
+        if state.has_padding:
+            kv = state.key_mask(state.keys[i].shape[2])
+            mask = torch.cat([kv, torch.ones(B, C, dtype=torch.bool, device=dev)], dim=1)[:, None, None, :]
+        a = attn.attend(q, k, v, mask)
+        x = x + layer.post_attention_layernorm(a)
+        x = layer.feed_forward(x, layer.layer_scalar)
+    return logits_train(model, model.norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The objective
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def corrupt(targets: torch.Tensor, t: torch.Tensor, vocab_size: int, gen: torch.Generator | None = None):
+    """Replace each token of `targets` [B, C] by a uniform random token with probability t[b]; (noisy, replaced)."""
+    u = torch.rand(targets.shape, generator=gen, device=targets.device)
+    rand = torch.randint(0, vocab_size, targets.shape, generator=gen, device=targets.device)
+    replaced = u < t[:, None]
+    return torch.where(replaced, rand, targets), replaced
+
+
+def diffusion_loss(model: DiffusionGemmaText, prompts: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig,
+                   gen: torch.Generator | None = None, prompt_valid: torch.Tensor | None = None,
+                   t: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Total loss and its parts for one batch: prompts [B, P], targets [B, C] (C = canvas length). `t` and
+    `sc_mask` (which rows get self-conditioning) are drawn from `gen` unless given."""
+    B, P = prompts.shape
+    V = model.cfg.vocab_size
+    dev = prompts.device
+    if prompt_valid is None:
+        prompt_valid = torch.ones_like(prompts, dtype=torch.bool)
+    if t is None:
+        t = torch.rand(B, generator=gen, device=dev)
+    if sc_mask is None:
+        sc_mask = torch.rand(B, generator=gen, device=dev) < cfg.self_conditioning_p
+    noisy, replaced = corrupt(targets, t, V, gen)
+
+    if cfg.encoder_sees_target:
+        enc_ids = torch.cat([prompts, targets], dim=1)
+        enc_valid = torch.cat([prompt_valid, torch.ones_like(targets, dtype=torch.bool)], dim=1)
+    else:
+        enc_ids, enc_valid = prompts, prompt_valid
+    state, hidden = encode_train(model, enc_ids, enc_valid, cache_length=P)
+    enc_logits = logits_train(model, hidden[:, :-1])
+    nxt = enc_ids[:, 1:]
+    m = (enc_valid[:, 1:] & enc_valid[:, :-1]).float()
+    enc_ce = F.cross_entropy(enc_logits.reshape(-1, V), nxt.reshape(-1), reduction="none").view_as(m)
+    enc_loss = (enc_ce * m).sum() / m.sum().clamp_min(1.0)
+
+    sc_probs = None
+    if bool(sc_mask.any()):
+        with torch.no_grad():
+            first = decode_train(model, noisy, state, None)
+            sc_probs = torch.softmax(first, dim=-1) * sc_mask[:, None, None].to(first.dtype)
+    logits = decode_train(model, noisy, state, sc_probs)
+    dec_loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
+    loss = dec_loss + cfg.encoder_loss_weight * enc_loss
+    with torch.no_grad():
+        acc = (logits.argmax(-1) == targets).float().mean()
+    return loss, {"loss": float(loss.detach()), "decoder": float(dec_loss.detach()),
+                  "encoder": float(enc_loss.detach()),
+                  "canvas_acc": float(acc), "noise": float(replaced.float().mean())}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (x A^T B^T) * alpha / rank; A ~ kaiming-uniform, B = 0 (the wrapped layer's output at init)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        dev, dt = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev, dtype=dt))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def weight(self):  # what code reading `.weight` of the wrapped layer sees: the merged weight
+        return self.merged_weight()
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + B A alpha/r, summed in float64 and rounded once to W's dtype (what merge and export store)."""
+        w = self.base.weight.double() + (self.lora_B.double() @ self.lora_A.double()) * self.scaling
+        return w.to(self.base.weight.dtype)
+
+    def forward(self, x):
+        return self.base(x) + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, targets=LORA_TARGETS, seed: int | None = None) -> list[str]:
+    """Wrap every nn.Linear whose attribute name is in `targets` (self-conditioning MLP included; the packed experts
+    and the router are not nn.Linear and stay frozen); freeze everything else. Returns the wrapped module names."""
+    if rank <= 0:
+        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    if seed is not None:
+        torch.manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name in targets:
+                setattr(parent, name, LoRALinear(child, rank, alpha))
+                wrapped.append(f"{parent_name}.{name}" if parent_name else name)
+    if not wrapped:
+        raise ValueError(f"no nn.Linear named {sorted(targets)} in the model")
+    return wrapped
+
+
+def _hf_module_name(ours: str) -> str:
+    return "model.decoder." + ours
+
+
+def _peft_key(module: str, which: str) -> str:
+    return f"base_model.model.{_hf_module_name(module)}.lora_{which}.weight"
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
+    """The adapters only, with PEFT's names (`base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight`).
+    `path` ending in .safetensors: that one file (rank/alpha/targets in its metadata); otherwise a folder with
+    adapter_model.safetensors + adapter_config.json (PEFT's layout)."""
+    from safetensors.torch import save_file
+
+    mods = lora_modules(model)
+    if not mods:
+        raise ValueError("the model has no LoRA adapters")
+    any_mod = next(iter(mods.values()))
+    targets = sorted({n.rsplit(".", 1)[-1] for n in mods})
+    tensors = {}
+    for name, m in mods.items():
+        tensors[_peft_key(name, "A")] = m.lora_A.detach().cpu().contiguous()
+        tensors[_peft_key(name, "B")] = m.lora_B.detach().cpu().contiguous()
+    meta = {"r": any_mod.rank, "lora_alpha": any_mod.alpha, "target_modules": targets, "peft_type": "LORA",
+            "bias": "none", "task_type": "CAUSAL_LM"}
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"adapter_config": json.dumps(meta)})
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"adapter_config": json.dumps(meta)})
+    (path / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+    return path
+
+
+def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load adapters written by `save_lora` (wrapping the model first if it has none); every adapter must match."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    file = path if path.suffix == ".safetensors" else path / "adapter_model.safetensors"
+    with safe_open(str(file), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("adapter_config", "{}"))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not meta and (path / "adapter_config.json").exists():
+        meta = json.loads((path / "adapter_config.json").read_text())
+    mods = lora_modules(model)
+    if not mods:
+        apply_lora(model, int(meta["r"]), float(meta["lora_alpha"]), tuple(meta["target_modules"]))
+        mods = lora_modules(model)
+    want = {_peft_key(n, w) for n in mods for w in "AB"}
+    if set(tensors) != want:
+        extra, missing = sorted(set(tensors) - want), sorted(want - set(tensors))
+        raise ValueError(f"{file}: adapters do not match the model (extra {extra[:3]}, missing {missing[:3]})")
+    with torch.no_grad():
+        for name, m in mods.items():
+            m.lora_A.copy_(tensors[_peft_key(name, "A")])
+            m.lora_B.copy_(tensors[_peft_key(name, "B")])
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += B A alpha/r) and unwrap it, in place."""
+    for name, m in list(lora_modules(model).items()):
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        with torch.no_grad():
+            m.base.weight.copy_(m.merged_weight())
+        setattr(parent, name.rsplit(".", 1)[-1], m.base)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building, loading and exporting models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_hf_tensors(model: DiffusionGemmaText, tensors: dict) -> None:
+    """Copy Hugging Face-named tensors (numpy or torch) into the model (names through `sanitize`)."""
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    seen = set()
+    with torch.no_grad():
+        for name, value in tensors.items():
+            ours = sanitize(name)
+            if ours is None or ours not in params:
+                continue
+            params[ours].copy_(torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value))
+            seen.add(ours)
+    for i, layer in enumerate(model.layers):
+        if f"layers.{i}.encoder_layer_scalar" not in seen:
+            layer.encoder_layer_scalar.copy_(layer.layer_scalar)
+    model.reset_rope()
+
+
+def new_model(config: dict, seed: int = 0, device: str = "cpu") -> DiffusionGemmaText:
+    """A fresh model with `dgemma.random_model`'s initialisation for the config.json dict `config`, float32."""
+    from dgemma.random_model import random_weights
+
+    cfg = ModelConfig.from_dict(config)
+    model = DiffusionGemmaText(cfg)
+    load_hf_tensors(model, random_weights(config["text_config"], seed))
+    return model.to(device)
+
+
+def load_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[DiffusionGemmaText, dict]:
+    """A trainable float32 model from a checkpoint folder (single-file or sharded safetensors), and its config."""
+    from dgemma.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(folder)
+    model = DiffusionGemmaText(ckpt.config)
+    load_hf_tensors(model, {n: t.float() for n, t in ckpt.iter_tensors("pt")})
+    return model.to(device), ckpt.raw_config
+
+
+def hf_state_dict(model: DiffusionGemmaText) -> dict[str, torch.Tensor]:
+    """The model's weights under the names save_pretrained writes (LoRA adapters merged in, the model untouched)."""
+    mods = lora_modules(model)
+    out = {}
+    for name, value in model.state_dict().items():
+        if ".lora_" in name:
+            continue
+        if ".base." in name:
+            module = name.rsplit(".base.", 1)[0]
+            name = name.replace(".base.", ".")
+            value = mods[module].merged_weight()
+        m = re.fullmatch(r"layers\.(\d+)\.encoder_layer_scalar", name)
+        key = f"model.encoder.language_model.layers.{m.group(1)}.layer_scalar" if m else "model.decoder." + name
+        out[key] = value.detach().float().cpu().contiguous()
+    return out
+
+
+def export_hf(model: DiffusionGemmaText, folder: str | os.PathLike, config: dict, generation_config: dict | None = None,
+              write_tokenizer=None) -> Path:
+    """Write a checkpoint folder `dgemma.load(folder)` reads: config.json, generation_config.json, model.safetensors
+    (adapters merged), and the tokenizer files through `write_tokenizer(folder)`."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(dict(config, dtype="float32"), indent=2))
+    if generation_config is not None:
+        (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
+    tmp = folder / "model.safetensors.tmp"
+    save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    if write_tokenizer is not None:
+        write_tokenizer(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return (int(seed) * 1_000_003 + int(step) * 7919 + 17) % (2**63)
+
+
+class Trainer:
+    """AdamW on the trainable parameters (all of them, or the LoRA adapters). Every step's batch and noise are a
+    function of (seed, step), so a resumed run takes exactly the steps an uninterrupted one would."""
+
+    def __init__(self, model: DiffusionGemmaText, cfg: TrainConfig, model_config: dict | None = None):
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.model = model.to(self.device)
+        self.model_config = model_config
+        if cfg.lora_rank > 0 and not lora_modules(model):
+            apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
+        elif cfg.lora_rank == 0:
+            for p in model.parameters():
+                p.requires_grad_(True)
+        self.model.train()
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.history: list[dict] = []
+
+    def lr_at(self, step: int) -> float:
+        if self.cfg.warmup_steps > 0 and step < self.cfg.warmup_steps:
+            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
+        return self.cfg.lr
+
+    def train_step(self, prompts, targets, gen: torch.Generator | None = None) -> dict:
+        """One AdamW step on a batch (tensors or arrays [B, P] / [B, C]); returns the loss parts."""
+        prompts = torch.as_tensor(prompts, device=self.device, dtype=torch.long)
+        targets = torch.as_tensor(targets, device=self.device, dtype=torch.long)
+        if gen is None:
+            gen = torch.Generator(device=self.device).manual_seed(_step_seed(self.cfg.seed, self.step))
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr_at(self.step)
+        self.opt.zero_grad(set_to_none=True)
+        loss, parts = diffusion_loss(self.model, prompts, targets, self.cfg, gen)
+        loss.backward()
+        if self.cfg.grad_clip:
+            parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
+        self.opt.step()
+        self.step += 1
+        parts["step"] = self.step
+        self.history.append(parts)
+        return parts
+
+    @torch.no_grad()
+    def eval_loss(self, prompts, targets, seed: int = 1234) -> float:
+        """The objective on a batch with fixed noise (t, replacements, self-conditioning coins from `seed`)."""
+        prompts = torch.as_tensor(prompts, device=self.device, dtype=torch.long)
+        targets = torch.as_tensor(targets, device=self.device, dtype=torch.long)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        loss, _ = diffusion_loss(self.model, prompts, targets, self.cfg, gen)
+        return float(loss)
+
+    @torch.no_grad()
+    def one_step_accuracy(self, prompts, targets, cells: int = 81, blanks=None, seed: int = 4321) -> dict:
+        """Denoise a fully random canvas once (t = 1, no self-conditioning) and score its argmax: accuracy over the
+        first `cells` positions, over `blanks` [B, cells] positions only when given, and whole-answer exact match."""
+        prompts = torch.as_tensor(prompts, device=self.device, dtype=torch.long)
+        targets = torch.as_tensor(targets, device=self.device, dtype=torch.long)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        noisy = torch.randint(0, self.model.cfg.vocab_size, targets.shape, generator=gen, device=self.device)
+        state, _ = encode_train(self.model, prompts)
+        pred = decode_train(self.model, noisy, state, None).argmax(-1)
+        ok = (pred == targets)[:, :cells]
+        out = {"cell_acc": float(ok.float().mean()), "exact": float(ok.all(-1).float().mean())}
+        if blanks is not None:
+            b = torch.as_tensor(np.asarray(blanks), device=self.device, dtype=torch.bool)
+            out["blank_acc"] = float((ok & b).sum() / b.sum().clamp_min(1))
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """model (adapters included), optimizer and step in one file, written atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {"step": self.step, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "train_config": asdict(self.cfg), "model_config": self.model_config, "history": self.history}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp-")
+        os.close(fd)
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def load(self, path: str | os.PathLike) -> int:
+        blob = torch.load(path, map_location=self.device, weights_only=False)
+        saved = blob.get("train_config") or {}
+        if int(saved.get("lora_rank", self.cfg.lora_rank)) != self.cfg.lora_rank:
+            raise ValueError(f"{path}: saved with lora_rank={saved.get('lora_rank')}, this run has "
+                             f"lora_rank={self.cfg.lora_rank}; resume with the same setting")
+        self.model.load_state_dict(blob["model"])
+        self.opt.load_state_dict(blob["optimizer"])
+        self.step = int(blob["step"])
+        self.history = list(blob.get("history", []))
+        return self.step
+
+    # -- the loop --------------------------------------------------------------------------------------------------
+    def fit(self, prompts: np.ndarray, targets: np.ndarray, steps: int | None = None, *, checkpoint: str | None = None,
+            evaluate=None, progress: bool = True, log=None) -> list[dict]:
+        """Train until `steps` (total, counting steps already done) on batches sampled from (prompts, targets);
+        `evaluate(trainer) -> dict` runs every cfg.eval_every steps; the checkpoint is saved every cfg.save_every
+        steps and at the end."""
+        steps = self.cfg.steps if steps is None else steps
+        n = len(prompts)
+        bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", disable=not progress, leave=False)
+        t0, done0 = time.perf_counter(), self.step
+        while self.step < steps:
+            rng = np.random.default_rng(_step_seed(self.cfg.seed, self.step))
+            idx = rng.choice(n, size=self.cfg.batch, replace=n < self.cfg.batch)
+            parts = self.train_step(prompts[idx], targets[idx])
+            parts["steps_per_s"] = (self.step - done0) / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.3f}", acc=f"{parts['canvas_acc']:.3f}")
+            if evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                self.model.eval()
+                parts.update({"eval/" + k: v for k, v in evaluate(self).items()})
+                self.model.train()
+            if log is not None:
+                log(parts)
+            if checkpoint and self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                self.save(checkpoint)
+        bar.close()
+        if checkpoint:
+            self.save(checkpoint)
+        return self.history
+
+
+def solve_rate(folder: str | os.PathLike, pairs, *, device: str = "cpu", max_retries: int = 2, seed: int = 0,
+               **sampler) -> dict:
+    """Solve rate of an exported Sudoku checkpoint through `dgemma.load(...).generate_batch` with the Sudoku checker."""
+    import dgemma
+    from dgemma.sudoku import is_valid_solution
+    from dgemma.sudoku_task import decode_solution, encode_prompt, make_checker
+
+    model = dgemma.load(folder, backend="cuda", device=device)
+    puzzles = [p for p, _ in pairs]
+    gens = model.generate_batch([encode_prompt(p) for p in puzzles], seeds=[seed + i for i in range(len(puzzles))],
+                                checker=make_checker(puzzles), max_retries=max_retries, **sampler)
+    solved = [is_valid_solution(p, decode_solution(g.token_ids)) for p, g in zip(puzzles, gens)]
+    return {"solve_rate": float(np.mean(solved)) if solved else 0.0,
+            "steps": float(np.mean([sum(g.stats.steps_per_canvas) for g in gens])) if gens else 0.0}
