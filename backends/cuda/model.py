@@ -283,11 +283,13 @@ class DiffusionGemmaText(nn.Module):
             out[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return out
 
-    def logits(self, h):
+    def logits(self, h, inplace: bool = True):
+        """Float32 soft-capped logits. In place (three passes over B x C x V floats without allocating) unless
+        gradients must flow: autograd needs tanh's output intact."""
         x = F.linear(h, self.embed_tokens.weight).float()
         cap = self.cfg.final_logit_softcapping
-        if cap is not None:  # in place: three passes over B x C x V floats without allocating
-            x = x.div_(cap).tanh_().mul_(cap)
+        if cap is not None:
+            x = x.div_(cap).tanh_().mul_(cap) if inplace else torch.tanh(x / cap) * cap
         return x
 
     # -- encoder: causal, writes the cache ---------------------------------------------------------------------
@@ -331,7 +333,8 @@ class DiffusionGemmaText(nn.Module):
         return KVState(keys, values, all_valid, start + T, has_padding)
 
     # -- decoder: bidirectional over [cache ; canvas], reads the cache ----------------------------------------
-    def decode(self, canvas: torch.Tensor, state: KVState, sc_probs: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, canvas: torch.Tensor, state: KVState, sc_probs: torch.Tensor | None = None,
+               inplace_logits: bool = True) -> torch.Tensor:
         B, C = canvas.shape
         dev = canvas.device
         x = self.embed(canvas)
@@ -361,7 +364,7 @@ class DiffusionGemmaText(nn.Module):
             a = attn.attend(q, k, v, mask)
             x = x + layer.post_attention_layernorm(a)
             x = layer.feed_forward(x, layer.layer_scalar)
-        return self.logits(self.norm(x))
+        return self.logits(self.norm(x), inplace=inplace_logits)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from dgemma.config import ModelConfig
 
-from .model import DiffusionGemmaText, KVState, gelu_tanh, rms_norm, sanitize
+from .model import DiffusionGemmaText, KVState, sanitize
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -67,12 +67,8 @@ class TrainConfig:
 
 
 def logits_train(model: DiffusionGemmaText, h: torch.Tensor) -> torch.Tensor:
-    """`model.logits` without the in-place soft cap (autograd needs tanh's output intact)."""
-    x = F.linear(h, model.embed_tokens.weight).float()
-    cap = model.cfg.final_logit_softcapping
-    if cap is not None:
-        x = torch.tanh(x / cap) * cap
-    return x
+    """`model.logits` with gradients (the soft cap out of place)."""
+    return model.logits(h, inplace=False)
 
 
 def encode_train(model: DiffusionGemmaText, ids: torch.Tensor, valid: torch.Tensor | None = None,
@@ -116,35 +112,7 @@ def encode_train(model: DiffusionGemmaText, ids: torch.Tensor, valid: torch.Tens
 def decode_train(model: DiffusionGemmaText, canvas: torch.Tensor, state: KVState,
                  sc_probs: torch.Tensor | None = None) -> torch.Tensor:
     """`model.decode` with gradients: float32 soft-capped logits [B, C, V]."""
-    B, C = canvas.shape
-    dev = canvas.device
-    x = model.embed(canvas)
-    sc = model.self_conditioning
-    if sc_probs is not None:
-        w = model.embed_tokens.weight
-        scale = torch.tensor(model.cfg.embed_scale, dtype=torch.float32).to(x.dtype)
-        soft = torch.matmul(sc_probs.to(w.dtype), w) * scale
-        s = sc.pre_norm(soft)
-        x = x + sc.down_proj(gelu_tanh(sc.gate_proj(s)) * sc.up_proj(s))
-    x = rms_norm(x, None, model.cfg.rms_norm_eps)
-    pos = torch.arange(state.length, state.length + C, device=dev)
-    tables = model.rope(pos, x.dtype)
-    for i, layer in enumerate(model.layers):
-        spec = layer.spec
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        cos, sin = tables["sliding" if spec.sliding else "full"]
-        q, k, v = attn.project(h, cos, sin)
-        k = torch.cat([state.keys[i], k], dim=2)
-        v = torch.cat([state.values[i], v], dim=2)
-        mask = None
-        if state.has_padding:
-            kv = state.key_mask(state.keys[i].shape[2])
-            mask = torch.cat([kv, torch.ones(B, C, dtype=torch.bool, device=dev)], dim=1)[:, None, None, :]
-        a = attn.attend(q, k, v, mask)
-        x = x + layer.post_attention_layernorm(a)
-        x = layer.feed_forward(x, layer.layer_scalar)
-    return logits_train(model, model.norm(x))
+    return model.decode(canvas, state, sc_probs, inplace_logits=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
