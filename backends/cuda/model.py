@@ -293,12 +293,20 @@ class DiffusionGemmaText(nn.Module):
         return x
 
     # -- encoder: causal, writes the cache ---------------------------------------------------------------------
-    def encode(self, ids: torch.Tensor, valid: torch.Tensor, state: KVState | None) -> KVState:
+    def encode(self, ids: torch.Tensor, valid: torch.Tensor, state: KVState | None, *,
+               cache_length: int | None = None, return_hidden: bool = False):
+        """Causal pass over ids [B, T] after `state`; returns the new state. Training options: `cache_length` keeps
+        only the first cache_length of the T new positions in the cache (causal attention makes a prefix's cache
+        independent of what follows it), and `return_hidden` also runs the last layer and returns
+        (state, final-normed hidden states [B, T, H])."""
         B, T = ids.shape
         dev = ids.device
         start = 0 if state is None else state.length
+        cached = T if cache_length is None else cache_length
         all_valid = valid if state is None else torch.cat([state.valid, valid], dim=1)
-        has_padding = bool((~all_valid).any().item()) if state is None else (state.has_padding or not bool(valid.all()))
+        kept_valid = all_valid[:, :start + cached]
+        has_padding = (bool((~kept_valid).any().item()) if state is None
+                       else (state.has_padding or not bool(valid[:, :cached].all())))
         x = self.embed(ids)
         pos = torch.arange(start, start + T, device=dev)
         tables = self.rope(pos, x.dtype)
@@ -322,15 +330,17 @@ class DiffusionGemmaText(nn.Module):
             allowed = allowed[None, None] & all_valid[:, None, None, start + T - L:]
             # Pad queries attend to themselves so no row of the mask is empty (an empty row would give NaN).
             allowed = allowed | (kpos[None, :] == pos[:, None])[None, None]
-            keep = min(L, W - 1) if spec.sliding else L
-            keys.append(k[:, :, L - keep:].contiguous())
-            values.append(v[:, :, L - keep:].contiguous())
-            if i == n - 1:
+            end = L - (T - cached)
+            keep = min(end, W - 1) if spec.sliding else end
+            keys.append(k[:, :, end - keep:end].contiguous())
+            values.append(v[:, :, end - keep:end].contiguous())
+            if i == n - 1 and not return_hidden:
                 break  # the last layer's output feeds nothing the decoder reads: only its keys/values are kept
             a = attn.attend(q, k, v, allowed)
             x = x + layer.post_attention_layernorm(a)
             x = layer.feed_forward(x, layer.encoder_layer_scalar)
-        return KVState(keys, values, all_valid, start + T, has_padding)
+        new_state = KVState(keys, values, kept_valid, start + cached, has_padding)
+        return (new_state, self.norm(x)) if return_hidden else new_state
 
     # -- decoder: bidirectional over [cache ; canvas], reads the cache ----------------------------------------
     def decode(self, canvas: torch.Tensor, state: KVState, sc_probs: torch.Tensor | None = None,

@@ -77,36 +77,9 @@ def encode_train(model: DiffusionGemmaText, ids: torch.Tensor, valid: torch.Tens
     `cache_length` positions (default all), the final-normed hidden states [B, T, H] for next-token logits).
     Causal attention means the cache of a prefix does not depend on what follows it, so the encoder may see
     prompt + target while the decoder reads only the prompt's cache."""
-    B, T = ids.shape
-    dev = ids.device
     if valid is None:
         valid = torch.ones_like(ids, dtype=torch.bool)
-    P = T if cache_length is None else cache_length
-    has_padding = bool((~valid[:, :P]).any().item())
-    x = model.embed(ids)
-    pos = torch.arange(0, T, device=dev)
-    tables = model.rope(pos, x.dtype)
-    keys, values = [], []
-    W = model.cfg.sliding_window
-    for layer in model.layers:
-        spec = layer.spec
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        cos, sin = tables["sliding" if spec.sliding else "full"]
-        q, k, v = attn.project(h, cos, sin)
-        kpos = pos
-        allowed = kpos[None, :] <= pos[:, None]
-        if spec.sliding:
-            allowed = allowed & (pos[:, None] - kpos[None, :] < W)
-        allowed = allowed[None, None] & valid[:, None, None, :]
-        allowed = allowed | (kpos[None, :] == pos[:, None])[None, None]
-        keep = min(P, W - 1) if spec.sliding else P
-        keys.append(k[:, :, P - keep:P])
-        values.append(v[:, :, P - keep:P])
-        a = attn.attend(q, k, v, allowed)
-        x = x + layer.post_attention_layernorm(a)
-        x = layer.feed_forward(x, layer.encoder_layer_scalar)
-    return KVState(keys, values, valid[:, :P], P, has_padding), model.norm(x)
+    return model.encode(ids, valid, None, cache_length=cache_length, return_hidden=True)
 
 
 def decode_train(model: DiffusionGemmaText, canvas: torch.Tensor, state: KVState,
