@@ -82,6 +82,21 @@ def generate(model_path, backend, prompt, prompt_file, chat, max_new_tokens, max
     checkpoint = Checkpoint(path)
     checkpoint.sampler_defaults.updated(**sampler)  # bad sampler values fail before the weights load
     model = load(checkpoint, backend=backend, dtype=dtype, device=device, progress=sys.stderr.isatty())
+    from .sudoku_task import is_sudoku_model
+
+    if is_sudoku_model(model):
+        who = "the built-in model" if model_path is None else f"--model {model_path}"
+        boards = []
+        for i, p in enumerate(prompts):
+            try:
+                boards.append(_check_puzzle(p, "--prompt" if len(prompts) == 1 else f"prompt {i + 1}"))
+            except InputError as e:
+                raise InputError(f"{who} is a Sudoku solver: pass an 81-character puzzle ('1'-'9', '.' or '0' for "
+                                 f"blanks), or --model PATH for a text model ({e})") from None
+        results = _solve(model, boards, seed=0 if seed is None else seed, constraints=True, retries=2,
+                         sampler={k: v for k, v in sampler.items() if k != "max_new_tokens"})
+        _print_sudoku(results, model, as_json=as_json, grid=True, stats=stats)
+        return
     if show_canvas:
         from .live import show_canvas_cli
 
@@ -153,6 +168,100 @@ def convert_command(src, dst, to, bits, group_size, mixed, quant, rest, dtype, s
                      force=force, dry_run=dry_run, progress=progress and not dry_run, rest=rest,
                      shard_size_gb=shard_size_gb)
     click.echo(report.format_report())
+
+
+@main.group(cls=_Group)
+def sudoku():
+    """Solve Sudoku puzzles with a Sudoku model (by default the one built into dgemma)."""
+
+
+@sudoku.command("solve")
+@click.argument("puzzles", nargs=-1)
+@click.option("--file", "puzzle_file", type=click.Path(dir_okay=False),
+              help="Puzzles, one per line (81 cells; a line 'puzzle,solution' uses the first field; '#' comments).")
+@click.option("--model", "model_path", default=None, help="A Sudoku model folder (default: the built-in one).")
+@_backend_option
+@click.option("--json", "as_json", is_flag=True, help='One {"puzzle", "solution", "solved", "steps", ...} per line.')
+@click.option("--grid", is_flag=True, help="Print each solution as a 9x9 grid instead of one 81-char line.")
+@click.option("--constraints/--no-constraints", default=True, show_default=True,
+              help="Constraint-aware sampling: re-noise digits that break a rule or overwrite a given.")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
+              help="With --constraints: re-denoise a finished board that still breaks a rule, at most this often.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Puzzle i uses seed + i.")
+@click.option("--steps", "max_denoising_steps", type=click.IntRange(min=1), default=None,
+              help="Maximum denoising steps per attempt (default: the model's).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--dtype", default=None)
+@click.option("--device", default=None)
+@click.option("--stats/--no-stats", default=True, help="Print the solve rate and mean steps to stderr.")
+def sudoku_solve(puzzles, puzzle_file, model_path, backend, as_json, grid, constraints, retries, seed,
+                 max_denoising_steps, batch_size, dtype, device, stats):
+    """Solve PUZZLES (81 cells each: '1'-'9', '.' or '0' for blanks; whitespace ignored). One line per puzzle: the
+    model's board (unsolved boards are printed too; --json says which)."""
+    from .api import load
+    from .assets import default_model_path
+    from .sudoku_task import is_sudoku_model
+
+    boards = [_check_puzzle(p, f"puzzle {i + 1}") for i, p in enumerate(puzzles)]
+    if puzzle_file:
+        try:
+            with open(puzzle_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError as e:
+            raise InputError(f"--file {puzzle_file}: {e.strerror}") from None
+        for n, line in enumerate(lines, 1):
+            text = line.split("#", 1)[0].split(",", 1)[0].strip()
+            if text:
+                boards.append(_check_puzzle(text, f"--file {puzzle_file} line {n}"))
+    if not boards:
+        raise InputError("no puzzle: pass PUZZLE arguments or --file F")
+    path = model_path if model_path is not None else default_model_path()
+    model = load(path, backend=backend, dtype=dtype, device=device, progress=False)
+    if not is_sudoku_model(model):
+        raise InputError(f"--model {path} is not a Sudoku model (its tokenizer has no Sudoku cell tokens)")
+    results = _solve(model, boards, seed=seed, constraints=constraints, retries=retries, batch_size=batch_size,
+                     sampler={"max_denoising_steps": max_denoising_steps})
+    _print_sudoku(results, model, as_json=as_json, grid=grid, stats=stats)
+
+
+def _check_puzzle(text: str, name: str) -> str:
+    from .sudoku_task import check_puzzle
+
+    try:
+        return check_puzzle(text, name)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+def _solve(model, boards, *, seed, constraints, retries, sampler, batch_size=64):
+    from .sudoku_task import solve_puzzles
+
+    try:
+        return solve_puzzles(model, boards, seed=seed, constraints=constraints, max_retries=retries,
+                             batch_size=batch_size, **sampler)
+    except ValueError as e:  # a bad sampler value
+        raise InputError(str(e)) from None
+
+
+def _print_sudoku(results, model, *, as_json: bool, grid: bool, stats: bool) -> None:
+    from .sudoku import format_grid
+
+    for i, r in enumerate(results):
+        if as_json:
+            click.echo(json.dumps(r.to_json()))
+        elif grid:
+            if len(results) > 1:
+                click.echo(f"# puzzle {i + 1}: " + ("solved" if r.solved else "NOT solved"))
+            click.echo(format_grid(r.solution))
+        else:
+            click.echo(r.solution)
+    if stats:
+        solved = sum(r.solved for r in results)
+        steps = sum(r.steps for r in results) / len(results)
+        tpf = sum(r.tokens_per_forward for r in results) / len(results)
+        secs = sum(r.seconds for r in results)
+        click.echo(f"[solved {solved}/{len(results)}, mean {steps:.1f} denoising steps, tokens/forward {tpf:.2f}, "
+                   f"{secs:.2f}s, {model.backend.describe()}]", err=True)
 
 
 @main.command()

@@ -518,3 +518,28 @@ def generate_dataset(
     chunksize = max(1, min(256, n // (workers * 8)))
     with multiprocessing.Pool(min(workers, n)) as pool:
         return pool.map(_dataset_item, jobs, chunksize=chunksize)
+
+
+def _validity_preserving_permutation(rng: np.random.Generator) -> np.ndarray:
+    """Cell index map new[i] = old[perm[i]] of a random Sudoku symmetry: bands, rows within a band, stacks, columns
+    within a stack, and an optional transpose. Each keeps every row, column and box a row, column or box."""
+    rows = (rng.permutation(3)[:, None] * 3 + np.stack([rng.permutation(3) for _ in range(3)])).reshape(9)
+    cols = (rng.permutation(3)[:, None] * 3 + np.stack([rng.permutation(3) for _ in range(3)])).reshape(9)
+    grid = rows[:, None] * 9 + cols[None, :]
+    if rng.random() < 0.5:
+        grid = grid.T
+    return grid.reshape(81)
+
+
+def augment(puzzles: Sequence[str], solutions: Sequence[str], rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Equivalent (puzzle, solution) pairs under a random symmetry each: a relabelling of the digits and a
+    validity-preserving permutation of the cells. A unique puzzle stays unique and keeps its number of givens, so a
+    pool of a few thousand puzzles gives practically unlimited distinct training examples (9! x 3!^8 x 2 each)."""
+    out = []
+    for puzzle, solution in zip(puzzles, solutions):
+        perm = _validity_preserving_permutation(rng)
+        relabel = "." + "".join(str(d) for d in rng.permutation(9) + 1)   # '.' stays '.'; digit d -> relabel[d]
+        p = [relabel[0 if c == "." else int(c)] for c in parse(puzzle)]
+        s = [relabel[int(c)] for c in parse(solution)]
+        out.append(("".join(p[j] for j in perm), "".join(s[j] for j in perm)))
+    return out

@@ -14,8 +14,8 @@ from dgemma.backends.cuda.train import (TrainConfig, Trainer, apply_lora, decode
                                         encode_train, export_hf, load_lora, lora_modules, merge_lora, new_model,
                                         save_lora)
 from dgemma.sudoku import generate_dataset, is_valid_solution, violations  # noqa: E402
-from dgemma.sudoku_task import (BOS, DIGIT_IDS, EOS, PAD, SEP, VOCAB_SIZE, build_tokenizer_json,  # noqa: E402
-                                decode_solution, encode_batch, encode_prompt, encode_target, make_checker,
+from dgemma.sudoku_task import (BOS, CANVAS_LENGTH, CELL_IDS, DIGIT_IDS, EOS, PAD, PROMPT_LENGTH,  # noqa: E402
+                                SEP, VOCAB_SIZE, build_tokenizer_json, decode_solution, encode_batch, encode_prompt, encode_target, make_checker,
                                 sudoku_generation_config, sudoku_model_config, write_tokenizer)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,13 +45,16 @@ def test_prompt_target_and_tokenizer_agree(pairs):
 
     puzzle, solution = pairs[0]
     ids = encode_prompt(puzzle)
-    assert len(ids) == 83 and ids[0] == BOS and ids[-1] == SEP
+    assert len(ids) == PROMPT_LENGTH == 164 and ids[0] == BOS and ids[82] == SEP
+    assert ids[83:] == list(CELL_IDS)  # the cell landmarks: canvas cell i sits 81 positions after CELL_IDS[i]
     tok = Tokenizer.from_str(build_tokenizer_json())
     assert tok.encode(puzzle).ids == ids
     grid = "\n".join(puzzle[r * 9:r * 9 + 9].replace(".", "0") for r in range(9))  # whitespace and '0' blanks
     assert tok.encode(grid).ids == ids
     target = encode_target(solution)
-    assert len(target) == 96 and target[81] == EOS and set(target[82:]) == {PAD}
+    assert len(target) == CANVAS_LENGTH == 82 and target[81] == EOS
+    padded = encode_target(solution, 96)
+    assert padded[:82] == target and set(padded[82:]) == {PAD}
     assert set(target[:81]) <= set(DIGIT_IDS)
     assert decode_solution(target) == solution and tok.decode(target) == solution
     assert max(ids + target) < VOCAB_SIZE
@@ -93,13 +96,13 @@ def test_training_forward_matches_inference(config, pairs):
         ref_state = model.encode(prompts, valid, None)
         ref = [model.decode(canvas, ref_state, None), model.decode(canvas, ref_state, sc)]
     state, hidden = encode_train(model, prompts, valid)
-    assert state.keys[0].requires_grad and hidden.shape == (4, 83, TINY["hidden_size"])  # the cache has gradients
+    assert state.keys[0].requires_grad and hidden.shape == (4, PROMPT_LENGTH, TINY["hidden_size"])  # the cache has gradients
     assert state.length == ref_state.length and state.has_padding == ref_state.has_padding
     for a, b in zip(state.keys + state.values, ref_state.keys + ref_state.values):
         torch.testing.assert_close(a.detach(), b, rtol=0, atol=1e-6)
     got = [decode_train(model, canvas, state, None), decode_train(model, canvas, state, sc)]
     for g, r in zip(got, ref):
-        assert g.dtype == torch.float32 and g.shape == (4, 96, VOCAB_SIZE)
+        assert g.dtype == torch.float32 and g.shape == (4, CANVAS_LENGTH, VOCAB_SIZE)
         torch.testing.assert_close(g.detach(), r, rtol=0, atol=1e-5)
     assert (ref[0] - ref[1]).abs().max() > 1e-3  # self-conditioning matters, so the comparison above can fail
     # The encoder may also see the clean target (causal): the prompt's cache is unchanged.
@@ -114,7 +117,7 @@ def test_zero_self_conditioning_rows_equal_no_self_conditioning(config, pairs):
     prompts, targets = batch(pairs, 2)
     with torch.no_grad():
         state = model.encode(prompts, torch.ones_like(prompts, dtype=torch.bool), None)
-        torch.testing.assert_close(model.decode(targets, state, torch.zeros(2, 96, VOCAB_SIZE)),
+        torch.testing.assert_close(model.decode(targets, state, torch.zeros(2, CANVAS_LENGTH, VOCAB_SIZE)),
                                    model.decode(targets, state, None), rtol=0, atol=0)
 
 
@@ -241,7 +244,7 @@ def _script():
     return mod
 
 
-ARGS = ["--batch", "4", "--train-size", "16", "--eval-size", "4", "--eval-every", "2", "--save-every", "2",
+ARGS = ["--batch", "4", "--difficulty", "easy", "--pool", "16", "--eval-size", "4", "--eval-every", "2", "--save-every", "2",
         "--hidden", "32", "--layers", "2", "--no-progress", "--device", "cpu", "--lr", "3e-3", "--warmup", "0"]
 
 
@@ -259,13 +262,13 @@ def test_example_script_end_to_end_and_resume(tmp_path, capsys):
     assert "model.decoder.layers.0.self_attn.q_proj.weight" in names
     assert "model.encoder.language_model.layers.1.layer_scalar" in names
     log = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4] and "eval/solve_rate" in log[-1]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and "eval/easy_solved" in log[-1]
 
     model = dgemma.load(straight, backend="cuda", device="cpu")
     puzzle, _ = generate_dataset(1, "easy", seed=77)[0]
     assert model.tokenizer.encode(puzzle) == encode_prompt(puzzle)
     gen = model.generate(puzzle, seed=0, checker=make_checker([puzzle]), max_retries=1, max_denoising_steps=4)
-    assert gen.stats.canvases == 1 and len(gen.raw_token_ids) == 96
+    assert gen.stats.canvases == 1 and len(gen.raw_token_ids) == CANVAS_LENGTH
     assert len(decode_solution(gen.token_ids)) == 81
     is_valid_solution(puzzle, decode_solution(gen.token_ids))  # a tiny model need not solve it; it must score
 

@@ -16,50 +16,25 @@ give the inference passes' numbers.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import re
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from dgemma.config import ModelConfig
+from dgemma.training import (LORA_TARGETS, TrainConfig, TrainLoop, adapter_config, adapter_file,  # noqa: F401
+                             check_adapter_names, peft_key, read_adapter_config, step_seed, write_adapter,
+                             write_checkpoint)
 
 from .model import DiffusionGemmaText, KVState, sanitize
-
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class TrainConfig:
-    lr: float = 1.5e-4
-    batch: int = 16
-    steps: int = 2000
-    seed: int = 0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float | None = 1.0
-    lora_rank: int = 0                    # 0: full fine-tuning
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    self_conditioning_p: float = 0.5
-    encoder_loss_weight: float = 1.0
-    encoder_sees_target: bool = False     # encoder next-token loss over prompt + clean target (KV still prompt-only)
-    eval_every: int = 0                   # 0: no periodic evaluation
-    save_every: int = 0                   # 0: only at the end
-    device: str = "cpu"
-
-    def __post_init__(self):
-        self.lora_targets = tuple(self.lora_targets)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Differentiable forward passes (mirrors of model.encode / model.decode)
@@ -101,6 +76,13 @@ def corrupt(targets: torch.Tensor, t: torch.Tensor, vocab_size: int, gen: torch.
     return torch.where(replaced, rand, targets), replaced
 
 
+def _select_rows(state: KVState, rows: torch.Tensor) -> KVState:
+    """The cache of some batch rows (detached: it feeds only the no-gradient first pass)."""
+    return KVState([k.detach().index_select(0, rows) for k in state.keys],
+                   [v.detach().index_select(0, rows) for v in state.values],
+                   state.valid.index_select(0, rows), state.length, state.has_padding)
+
+
 def diffusion_loss(model: DiffusionGemmaText, prompts: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig,
                    gen: torch.Generator | None = None, prompt_valid: torch.Tensor | None = None,
                    t: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -131,9 +113,12 @@ def diffusion_loss(model: DiffusionGemmaText, prompts: torch.Tensor, targets: to
 
     sc_probs = None
     if bool(sc_mask.any()):
+        # The first pass runs only on the rows that use it; the others keep zeros ("no self-conditioning").
+        rows = sc_mask.nonzero().squeeze(1)
         with torch.no_grad():
-            first = decode_train(model, noisy, state, None)
-            sc_probs = torch.softmax(first, dim=-1) * sc_mask[:, None, None].to(first.dtype)
+            first = decode_train(model, noisy.index_select(0, rows), _select_rows(state, rows), None)
+            sc_probs = torch.zeros(B, *first.shape[1:], dtype=first.dtype, device=dev)
+            sc_probs.index_copy_(0, rows, torch.softmax(first, dim=-1))
     logits = decode_train(model, noisy, state, sc_probs)
     dec_loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
     loss = dec_loss + cfg.encoder_loss_weight * enc_loss
@@ -199,65 +184,42 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, targets=LORA_TARGETS, 
     return wrapped
 
 
-def _hf_module_name(ours: str) -> str:
-    return "model.decoder." + ours
-
-
-def _peft_key(module: str, which: str) -> str:
-    return f"base_model.model.{_hf_module_name(module)}.lora_{which}.weight"
-
-
 def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     """The adapters only, with PEFT's names (`base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight`).
     `path` ending in .safetensors: that one file (rank/alpha/targets in its metadata); otherwise a folder with
-    adapter_model.safetensors + adapter_config.json (PEFT's layout)."""
+    adapter_model.safetensors + adapter_config.json (PEFT's layout). The MLX recipe reads both."""
     from safetensors.torch import save_file
 
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters")
     any_mod = next(iter(mods.values()))
-    targets = sorted({n.rsplit(".", 1)[-1] for n in mods})
     tensors = {}
     for name, m in mods.items():
-        tensors[_peft_key(name, "A")] = m.lora_A.detach().cpu().contiguous()
-        tensors[_peft_key(name, "B")] = m.lora_B.detach().cpu().contiguous()
-    meta = {"r": any_mod.rank, "lora_alpha": any_mod.alpha, "target_modules": targets, "peft_type": "LORA",
-            "bias": "none", "task_type": "CAUSAL_LM"}
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata={"adapter_config": json.dumps(meta)})
-        return path
-    path.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"adapter_config": json.dumps(meta)})
-    (path / "adapter_config.json").write_text(json.dumps(meta, indent=2))
-    return path
+        tensors[peft_key(name, "A")] = m.lora_A.detach().cpu().contiguous()
+        tensors[peft_key(name, "B")] = m.lora_B.detach().cpu().contiguous()
+    return write_adapter(path, adapter_config(any_mod.rank, any_mod.alpha, mods),
+                         lambda file, metadata: save_file(tensors, file, metadata=metadata))
 
 
 def load_lora(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load adapters written by `save_lora` (wrapping the model first if it has none); every adapter must match."""
+    """Load adapters written by `save_lora` of either backend (wrapping the model first if it has none); every
+    adapter must match."""
     from safetensors import safe_open
 
-    path = Path(path)
-    file = path if path.suffix == ".safetensors" else path / "adapter_model.safetensors"
+    file = adapter_file(path)
     with safe_open(str(file), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("adapter_config", "{}"))
+        meta = read_adapter_config(path, f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if not meta and (path / "adapter_config.json").exists():
-        meta = json.loads((path / "adapter_config.json").read_text())
     mods = lora_modules(model)
     if not mods:
         apply_lora(model, int(meta["r"]), float(meta["lora_alpha"]), tuple(meta["target_modules"]))
         mods = lora_modules(model)
-    want = {_peft_key(n, w) for n in mods for w in "AB"}
-    if set(tensors) != want:
-        extra, missing = sorted(set(tensors) - want), sorted(want - set(tensors))
-        raise ValueError(f"{file}: adapters do not match the model (extra {extra[:3]}, missing {missing[:3]})")
+    check_adapter_names(file, tensors, {peft_key(n, w) for n in mods for w in "AB"})
     with torch.no_grad():
         for name, m in mods.items():
-            m.lora_A.copy_(tensors[_peft_key(name, "A")])
-            m.lora_B.copy_(tensors[_peft_key(name, "B")])
+            m.lora_A.copy_(tensors[peft_key(name, "A")])
+            m.lora_B.copy_(tensors[peft_key(name, "B")])
     return model
 
 
@@ -335,19 +297,8 @@ def export_hf(model: DiffusionGemmaText, folder: str | os.PathLike, config: dict
               write_tokenizer=None) -> Path:
     """Write a checkpoint folder `dgemma.load(folder)` reads: config.json, generation_config.json, model.safetensors
     (adapters merged), and the tokenizer files through `write_tokenizer(folder)`."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(dict(config, dtype="float32"), indent=2))
-    if generation_config is not None:
-        (folder / "generation_config.json").write_text(json.dumps(generation_config, indent=2))
-    tmp = folder / "model.safetensors.tmp"
-    save_file(hf_state_dict(model), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / "model.safetensors")
-    if write_tokenizer is not None:
-        write_tokenizer(folder)
-    return folder
+    return write_checkpoint(folder, config, generation_config,
+                            {k: v.numpy() for k, v in hf_state_dict(model).items()}, write_tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,17 +306,13 @@ def export_hf(model: DiffusionGemmaText, folder: str | os.PathLike, config: dict
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return (int(seed) * 1_000_003 + int(step) * 7919 + 17) % (2**63)
-
-
-class Trainer:
+class Trainer(TrainLoop):
     """AdamW on the trainable parameters (all of them, or the LoRA adapters). Every step's batch and noise are a
     function of (seed, step), so a resumed run takes exactly the steps an uninterrupted one would."""
 
     def __init__(self, model: DiffusionGemmaText, cfg: TrainConfig, model_config: dict | None = None):
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(cfg.device or "cpu")
         self.model = model.to(self.device)
         self.model_config = model_config
         if cfg.lora_rank > 0 and not lora_modules(model):
@@ -379,17 +326,21 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
 
-    def lr_at(self, step: int) -> float:
-        if self.cfg.warmup_steps > 0 and step < self.cfg.warmup_steps:
-            return self.cfg.lr * (step + 1) / self.cfg.warmup_steps
-        return self.cfg.lr
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Evaluation runs in eval mode; training resumes in train mode."""
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train()
 
     def train_step(self, prompts, targets, gen: torch.Generator | None = None) -> dict:
         """One AdamW step on a batch (tensors or arrays [B, P] / [B, C]); returns the loss parts."""
         prompts = torch.as_tensor(prompts, device=self.device, dtype=torch.long)
         targets = torch.as_tensor(targets, device=self.device, dtype=torch.long)
         if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(_step_seed(self.cfg.seed, self.step))
+            gen = torch.Generator(device=self.device).manual_seed(step_seed(self.cfg.seed, self.step))
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
@@ -400,6 +351,7 @@ class Trainer:
         self.opt.step()
         self.step += 1
         parts["step"] = self.step
+        parts["lr"] = self.lr_at(self.step - 1)
         self.history.append(parts)
         return parts
 
@@ -453,49 +405,3 @@ class Trainer:
         self.step = int(blob["step"])
         self.history = list(blob.get("history", []))
         return self.step
-
-    # -- the loop --------------------------------------------------------------------------------------------------
-    def fit(self, prompts: np.ndarray, targets: np.ndarray, steps: int | None = None, *, checkpoint: str | None = None,
-            evaluate=None, progress: bool = True, log=None) -> list[dict]:
-        """Train until `steps` (total, counting steps already done) on batches sampled from (prompts, targets);
-        `evaluate(trainer) -> dict` runs every cfg.eval_every steps; the checkpoint is saved every cfg.save_every
-        steps and at the end."""
-        steps = self.cfg.steps if steps is None else steps
-        n = len(prompts)
-        bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", disable=not progress, leave=False)
-        t0, done0 = time.perf_counter(), self.step
-        while self.step < steps:
-            rng = np.random.default_rng(_step_seed(self.cfg.seed, self.step))
-            idx = rng.choice(n, size=self.cfg.batch, replace=n < self.cfg.batch)
-            parts = self.train_step(prompts[idx], targets[idx])
-            parts["steps_per_s"] = (self.step - done0) / (time.perf_counter() - t0)
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts['loss']:.3f}", acc=f"{parts['canvas_acc']:.3f}")
-            if evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
-                self.model.eval()
-                parts.update({"eval/" + k: v for k, v in evaluate(self).items()})
-                self.model.train()
-            if log is not None:
-                log(parts)
-            if checkpoint and self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                self.save(checkpoint)
-        bar.close()
-        if checkpoint:
-            self.save(checkpoint)
-        return self.history
-
-
-def solve_rate(folder: str | os.PathLike, pairs, *, device: str = "cpu", max_retries: int = 2, seed: int = 0,
-               **sampler) -> dict:
-    """Solve rate of an exported Sudoku checkpoint through `dgemma.load(...).generate_batch` with the Sudoku checker."""
-    import dgemma
-    from dgemma.sudoku import is_valid_solution
-    from dgemma.sudoku_task import decode_solution, encode_prompt, make_checker
-
-    model = dgemma.load(folder, backend="cuda", device=device)
-    puzzles = [p for p, _ in pairs]
-    gens = model.generate_batch([encode_prompt(p) for p in puzzles], seeds=[seed + i for i in range(len(puzzles))],
-                                checker=make_checker(puzzles), max_retries=max_retries, **sampler)
-    solved = [is_valid_solution(p, decode_solution(g.token_ids)) for p, g in zip(puzzles, gens)]
-    return {"solve_rate": float(np.mean(solved)) if solved else 0.0,
-            "steps": float(np.mean([sum(g.stats.steps_per_canvas) for g in gens])) if gens else 0.0}

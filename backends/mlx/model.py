@@ -185,7 +185,9 @@ class Router(nn.Module):
     def __call__(self, x):
         h = rms_norm(x, None, self.eps) * self.scale * self.root
         probs = mx.softmax(self.proj(h).astype(mx.float32), axis=-1)
-        idx = mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k]
+        # The choice is discrete: no gradient flows through the indices (training differentiates the layer; MLX
+        # refuses to differentiate a gather by its indices unless they are cut off from the graph).
+        idx = mx.stop_gradient(mx.argpartition(-probs, kth=self.top_k - 1, axis=-1)[..., : self.top_k])
         w = mx.take_along_axis(probs, idx, axis=-1)
         w = w / w.sum(axis=-1, keepdims=True)
         return w * self.per_expert_scale[idx], idx
@@ -373,11 +375,18 @@ class DiffusionGemmaText(nn.Module):
         return _softcap(x, self._softcap)
 
     # -- encoder: causal, writes the cache -----------------------------------------------------------------------------
-    def encode(self, ids, valid: np.ndarray, state: KVState | None) -> KVState:
+    def encode(self, ids, valid: np.ndarray, state: KVState | None, *, cache_length: int | None = None,
+               return_hidden: bool = False):
+        """Causal pass over ids [B, T] after `state`; returns the new state. Training options (as the PyTorch
+        model's): `cache_length` keeps only the first cache_length of the T new positions in the cache (causal
+        attention makes a prefix's cache independent of what follows it), and `return_hidden` also runs the last
+        layer and returns (state, final-normed hidden states [B, T, H]). Differentiable throughout."""
         B, T = ids.shape
         start = 0 if state is None else state.length
+        cached = T if cache_length is None else cache_length
         all_valid = valid if state is None else np.concatenate([state.valid, valid], axis=1)
-        has_padding = bool((~all_valid).any())
+        kept_valid = all_valid[:, :start + cached]
+        has_padding = bool((~kept_valid).any())
         x = self.embed(ids)
         tables = self.rope(start, T, x.dtype)
         W = self.cfg.sliding_window
@@ -408,15 +417,17 @@ class DiffusionGemmaText(nn.Module):
                 k = mx.concatenate([state.keys[i], k], axis=2)
                 v = mx.concatenate([state.values[i], v], axis=2)
             L = k.shape[2]
-            keep = min(L, W - 1) if layer.sliding else L
-            keys.append(k[:, :, L - keep:] if keep < L else k)
-            values.append(v[:, :, L - keep:] if keep < L else v)
-            if i == n - 1:
+            end = L - (T - cached)
+            keep = min(end, W - 1) if layer.sliding else end
+            keys.append(k[:, :, end - keep:end] if keep < L else k)
+            values.append(v[:, :, end - keep:end] if keep < L else v)
+            if i == n - 1 and not return_hidden:
                 break  # the last layer's output feeds nothing the decoder reads: only its keys/values are kept
             a = attn.attend(q, k, v, mask_for(layer.sliding, L))
             x = x + layer.post_attention_layernorm(a)
             x = layer.feed_forward(x, layer.encoder_layer_scalar)
-        return KVState(keys, values, all_valid, start + T, has_padding)
+        new_state = KVState(keys, values, kept_valid, start + cached, has_padding)
+        return (new_state, self.norm(x)) if return_hidden else new_state
 
     # -- decoder: bidirectional over [cache ; canvas], reads the cache ---------------------------------------------
     def decode(self, canvas, state: KVState, sc_probs=None):

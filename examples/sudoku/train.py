@@ -1,31 +1,36 @@
 """Train a small DiffusionGemma-architecture model to solve Sudoku with the block-diffusion objective.
 
-    python examples/sudoku/train.py --out runs/sudoku --steps 2000 --batch 32
-    python examples/sudoku/train.py --out runs/sudoku --steps 4000 --resume     # continue from OUT/train_state.pt
-    python examples/sudoku/train.py --out runs/lora --init runs/sudoku --lora-rank 8 --lr 1.5e-4  # LoRA on a checkpoint
+    python examples/sudoku/train.py --out runs/sudoku --steps 3000 --batch 32
+    python examples/sudoku/train.py --out runs/sudoku --steps 6000 --resume     # continue from OUT/train_state.pt
+    python examples/sudoku/train.py --out runs/lora --init runs/sudoku --lora-rank 8 --lr 1.5e-4 --difficulty hard
+
+Data: a pool of unique-solution puzzles per difficulty (`--pool EASY,MEDIUM,HARD`), each training example a random
+symmetry of one of them (`dgemma.sudoku.augment`: digit relabelling, band/row/stack/column permutations, transpose),
+so the model practically never sees the same example twice. `--difficulty curriculum` (the default) moves the mix
+from mostly easy to mostly medium and hard over the run; a name (easy, medium, hard) or LO,HI givens fixes it.
 
 Starts from a fresh random model of `dgemma.sudoku_task.sudoku_model_config()` (or `--init FOLDER`), writes a Hugging
 Face-layout checkpoint into --out (config.json, generation_config.json, model.safetensors with LoRA merged,
-tokenizer.json) that `dgemma.load(OUT, backend="cuda")` runs, plus train_state.pt (resumable) and, with LoRA, the
+tokenizer.json) that `dgemma.load(OUT)` runs on either backend, plus train_state.pt (resumable;
+train_state.safetensors with `--backend mlx`, the same recipe in MLX) and, with LoRA, the
 adapters alone in OUT/adapter/ (PEFT names).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from dgemma.backends.cuda.train import (LORA_TARGETS, TrainConfig, Trainer, export_hf, load_model, new_model,
-                                        save_lora, solve_rate)
-from dgemma.sudoku import generate_dataset
-from dgemma.sudoku_task import (CANVAS_LENGTH, encode_batch, sudoku_generation_config, sudoku_model_config,
-                                write_tokenizer)
+from dgemma.training import LORA_TARGETS
+from dgemma.sudoku import augment, generate_dataset
+from dgemma.sudoku_task import (CANVAS_LENGTH, encode_batch, solve_rate, sudoku_generation_config,
+                                sudoku_model_config, write_tokenizer)
 
 
 def main(argv=None) -> int:
@@ -41,9 +46,14 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
-    ap.add_argument("--difficulty", default="easy", help="easy, medium, hard, or LO,HI givens")
-    ap.add_argument("--train-size", type=int, default=5000)
+    ap.add_argument("--difficulty", default="curriculum", help="curriculum, easy, medium, hard, or LO,HI givens")
+    ap.add_argument("--pool", default="6000,10000,5000", help="unique puzzles generated per difficulty (easy,medium,"
+                    "hard); with a fixed difficulty the first number")
     ap.add_argument("--eval-size", type=int, default=64)
+    ap.add_argument("--decay-steps", type=int, default=0, help="cosine learning-rate decay over this many steps "
+                    "(0: constant after warmup)")
+    ap.add_argument("--encoder-loss-weight", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--solve-eval", type=int, default=0, help="also measure the solve rate on this many held-out "
                     "puzzles at each evaluation (full dgemma generation with the Sudoku checker)")
@@ -51,45 +61,86 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--canvas-length", type=int, default=CANVAS_LENGTH)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backend", choices=["cuda", "mlx"], default="cuda",
+                    help="cuda: PyTorch (GPU if available, else CPU); mlx: MLX (Apple silicon; CPU build on Linux)")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    state_file = out / "train_state.pt"
+    # Both backends implement the same recipe API (TrainConfig, Trainer, new_model, load_model, export_hf, ...).
+    recipe = importlib.import_module(f"dgemma.backends.{args.backend}.train")
+    TrainConfig, Trainer, export_hf = recipe.TrainConfig, recipe.Trainer, recipe.export_hf
+    if args.backend == "cuda":
+        import torch
+
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        state_file = out / "train_state.pt"
+        load_kw = {"device": args.device}
+    else:
+        state_file = out / "train_state.safetensors"
+        load_kw = {}
     difficulty = tuple(int(x) for x in args.difficulty.split(",")) if "," in args.difficulty else args.difficulty
 
     if args.init:
-        model, config = load_model(args.init, device=args.device)
+        model, config = recipe.load_model(args.init, **load_kw)
         config = dict(config)
     else:
         config = sudoku_model_config(hidden_size=args.hidden, num_hidden_layers=args.layers,
                                      intermediate_size=2 * args.hidden, canvas_length=args.canvas_length)
-        model = new_model(config, seed=args.seed, device=args.device)
+        model = recipe.new_model(config, seed=args.seed, **load_kw)
     canvas = int(config["canvas_length"])
 
     t0 = time.perf_counter()
-    train_pairs = generate_dataset(args.train_size, difficulty, seed=args.seed)
-    eval_pairs = generate_dataset(args.eval_size, difficulty, seed=args.seed + 1_000_003)
-    print(f"data: {len(train_pairs)} train / {len(eval_pairs)} held-out {args.difficulty} puzzles "
-          f"in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    prompts, targets = encode_batch(train_pairs, canvas)
+    sizes = [int(x) for x in args.pool.split(",")]
+    if args.difficulty == "curriculum":
+        bands = {"easy": "easy", "medium": "medium", "hard": "hard"}
+    else:
+        bands = {args.difficulty: difficulty}
+    pools = {name: generate_dataset(sizes[min(i, len(sizes) - 1)], band, seed=args.seed + i, workers=None)
+             for i, (name, band) in enumerate(bands.items())}
+    held_out = {name: generate_dataset(args.eval_size, band, seed=args.seed + 1_000_003 + i)
+                for i, (name, band) in enumerate(bands.items())}
+    print("data: " + ", ".join(f"{len(p)} {n}" for n, p in pools.items()) + f" puzzles (+{args.eval_size} held out "
+          f"each) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    if args.threads and args.backend == "cuda":
+        torch.set_num_threads(args.threads)
+    names = list(pools)
+    eval_name = "medium" if "medium" in held_out else names[0]
+    eval_pairs = held_out[eval_name]
     eval_prompts, eval_targets = encode_batch(eval_pairs, canvas)
     eval_blanks = np.array([[c == "." for c in p] for p, _ in eval_pairs])
+
+    def mix(step: int) -> np.ndarray:
+        """Sampling weights over the pools at `step`: the curriculum goes from mostly easy to mostly medium/hard."""
+        if len(names) == 1:
+            return np.ones(1)
+        f = min(1.0, step / max(1, args.steps))
+        return (1 - f) * np.array([0.7, 0.3, 0.0]) + f * np.array([0.15, 0.45, 0.4])
+
+    def batch_fn(step: int, rng: np.random.Generator):
+        which = rng.choice(len(names), size=args.batch, p=mix(step))
+        picked = [pools[names[w]][rng.integers(len(pools[names[w]]))] for w in which]
+        return encode_batch(augment([p for p, _ in picked], [s for _, s in picked], rng), canvas)
 
     cfg = TrainConfig(lr=args.lr, batch=args.batch, steps=args.steps, seed=args.seed, warmup_steps=args.warmup,
                       lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
                       lora_targets=tuple(t for t in args.lora_targets.split(",") if t),
                       eval_every=args.eval_every, save_every=args.save_every, device=args.device,
+                      decay_steps=args.decay_steps, encoder_loss_weight=args.encoder_loss_weight,
                       weight_decay=0.0 if args.lora_rank else 0.01)
     trainer = Trainer(model, cfg, model_config=config)
     if args.resume:
         if not state_file.exists():
             ap.error(f"--resume: {state_file} does not exist")
         print(f"resumed from {state_file} at step {trainer.load(state_file)}", file=sys.stderr)
-    n_train = sum(p.numel() for p in trainer.params)
-    n_all = sum(p.numel() for p in model.parameters())
+    if args.backend == "cuda":
+        n_train, n_all = sum(p.numel() for p in trainer.params), sum(p.numel() for p in model.parameters())
+    else:
+        from mlx.utils import tree_flatten
+
+        n_train, n_all = trainer.num_trainable, sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"model: {n_all / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable", file=sys.stderr)
 
     gen_cfg = sudoku_generation_config(canvas)
@@ -98,23 +149,29 @@ def main(argv=None) -> int:
         res = tr.one_step_accuracy(eval_prompts, eval_targets, blanks=eval_blanks)
         if args.solve_eval:
             export_hf(tr.model, out, config, gen_cfg, write_tokenizer)
-            res.update(solve_rate(out, eval_pairs[: args.solve_eval], device=args.device))
+            for name in names:
+                r = solve_rate(out, held_out[name][: args.solve_eval], backend=args.backend, device=args.device)
+                res.update({f"{name}_solved": r["solve_rate"], f"{name}_steps": r["steps"]})
+        res["minutes"] = (time.perf_counter() - t_train) / 60
         return res
 
     log_file = (out / "log.jsonl").open("a")
 
     def log(parts: dict) -> None:
         log_file.write(json.dumps(parts) + "\n")
+        log_file.flush()
         if any(k.startswith("eval/") for k in parts):
             print(f"step {parts['step']}: loss {parts['loss']:.4f} " + " ".join(
                 f"{k[5:]} {v:.3f}" for k, v in parts.items() if k.startswith("eval/")), file=sys.stderr)
 
-    trainer.fit(prompts, targets, args.steps, checkpoint=str(state_file), evaluate=evaluate,
-                progress=not args.no_progress, log=log)
+    t_train = time.perf_counter()
+    trainer.fit(None, None, args.steps, checkpoint=str(state_file), evaluate=evaluate,
+                progress=not args.no_progress, log=log, batch_fn=batch_fn,
+                on_save=lambda tr: export_hf(tr.model, out, config, gen_cfg, write_tokenizer))
     log_file.close()
     export_hf(trainer.model, out, config, gen_cfg, write_tokenizer)
     if args.lora_rank:
-        save_lora(trainer.model, out / "adapter")
+        recipe.save_lora(trainer.model, out / "adapter")
     final = trainer.one_step_accuracy(eval_prompts, eval_targets, blanks=eval_blanks)
     last = trainer.history[-1] if trainer.history else {}
     print(json.dumps({"step": trainer.step, "loss": last.get("loss"), **final, "out": str(out)}))
