@@ -40,14 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dgemma  # noqa: E402
 from dgemma.errors import BackendUnavailable, DgemmaError  # noqa: E402
-from dgemma.sudoku import generate_dataset, is_valid_solution  # noqa: E402
-from dgemma.sudoku_task import VOCAB_SIZE, decode_board, encode_prompt, make_checker  # noqa: E402
+from dgemma.sudoku import is_valid_solution  # noqa: E402
+from dgemma import sudoku_task  # noqa: E402
+from dgemma.sudoku_task import HELD_OUT_SEED, VOCAB_SIZE, decode_board, encode_prompt, make_checker  # noqa: E402
 
-# Puzzle seeds: HELD_OUT_SEED + 1 (medium), + 2 (hard). examples/sudoku/train.py generates its training pools at
-# seed + 0..2 and its held-out sets at seed + 1_000_003 + 0..2 (seed defaults to 0); both ranges are kept clear.
-HELD_OUT_SEED = 7_340_000
-TRAINING_SEEDS = (range(0, 11), range(1_000_003, 1_000_014))
-DIFFICULTY_OFFSET = {"easy": 0, "medium": 1, "hard": 2}
 GOAL_SOLVED = {"medium": 0.95, "hard": 0.80}
 GOAL_MEAN_STEPS = 12.0
 MODES = ("plain", "renoise", "retries")
@@ -60,11 +56,11 @@ def fail(message: str) -> NoReturn:
 
 
 def held_out_puzzles(difficulty: str, n: int, seed: int) -> list[tuple[str, str]]:
-    s = seed + DIFFICULTY_OFFSET[difficulty]
-    if any(s in r for r in TRAINING_SEEDS):
-        fail(f"puzzle seed {s} is one examples/sudoku/train.py uses for training or its own "
-             "evaluation; pick another --seed")
-    return generate_dataset(n, difficulty, seed=s)
+    """`n` (puzzle, solution) pairs of a difficulty that no training run of the recipe has seen."""
+    try:
+        return sudoku_task.held_out_puzzles(difficulty, n, seed)
+    except ValueError as e:
+        fail(str(e))
 
 
 def mode_kwargs(mode: str, puzzles: list[str], retries: int) -> dict:
@@ -124,8 +120,8 @@ def main() -> int:
     args = ap.parse_args()
     difficulties = [d for d in args.difficulties.split(",") if d]
     modes = [m for m in args.modes.split(",") if m]
-    if any(d not in DIFFICULTY_OFFSET for d in difficulties):
-        ap.error(f"--difficulties: each of {','.join(DIFFICULTY_OFFSET)}")
+    if any(d not in sudoku_task.DIFFICULTY_OFFSET for d in difficulties):
+        ap.error(f"--difficulties: each of {','.join(sudoku_task.DIFFICULTY_OFFSET)}")
     if any(m not in MODES for m in modes):
         ap.error(f"--modes: each of {','.join(MODES)}")
     if args.n < 1 or args.retries < 0:

@@ -16,13 +16,15 @@ def _fail(message: str, code: int = 2):
 
 
 class _Group(click.Group):
-    """Turn every DgemmaError (bad input, missing file, missing backend) into one line on stderr."""
+    """Turn every DgemmaError (bad input, missing file, missing backend) and bad option into one line on stderr."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DgemmaError as e:
             _fail(str(e))
+        except click.UsageError as e:  # a bad option value: one line too, naming the option
+            _fail(e.format_message())
         except KeyboardInterrupt:
             _fail("interrupted", 130)
 

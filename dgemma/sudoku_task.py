@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sudoku import is_valid_solution, parse, violations
+from .sudoku import generate_dataset, is_valid_solution, parse, violations
 
 PAD, EOS, BOS, UNK, SEP = 0, 1, 2, 3, 4
 BLANK_ID = 5
@@ -254,3 +254,20 @@ def solve_rate(folder, pairs: Sequence[tuple[str, str]], *, backend: str = "cuda
                             max_retries=max_retries, **sampler)
     n = max(1, len(results))
     return {"solve_rate": sum(r.solved for r in results) / n, "steps": sum(r.steps for r in results) / n}
+
+
+# Evaluation puzzles: seed HELD_OUT_SEED + 0/1/2 for easy/medium/hard. examples/sudoku/train.py generates its training
+# pools at seed + 0..2 and its own held-out sets at seed + 1_000_003 + 0..2 (seed defaults to 0); both stay clear.
+HELD_OUT_SEED = 7_340_000
+TRAINING_SEEDS = (range(0, 11), range(1_000_003, 1_000_014))
+DIFFICULTY_OFFSET = {"easy": 0, "medium": 1, "hard": 2}
+
+
+def held_out_puzzles(difficulty: str, n: int, seed: int = HELD_OUT_SEED) -> list[tuple[str, str]]:
+    """`n` (puzzle, solution) pairs of a difficulty that no training run of the recipe has seen (ValueError for a
+    seed that training uses)."""
+    s = seed + DIFFICULTY_OFFSET[difficulty]
+    if any(s in r for r in TRAINING_SEEDS):
+        raise ValueError(f"puzzle seed {s} is one examples/sudoku/train.py uses for training or its own "
+                         "evaluation; pick another --seed")
+    return generate_dataset(n, difficulty, seed=s)

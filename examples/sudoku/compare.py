@@ -40,16 +40,13 @@ from typing import NoReturn
 import numpy as np
 
 import dgemma
+from dgemma import sudoku_task
 from dgemma.errors import DgemmaError
-from dgemma.sudoku import generate_dataset, is_valid_solution, parse, violations
-from dgemma.sudoku_task import VOCAB_SIZE, decode_board, encode_prompt, make_checker, write_tokenizer
+from dgemma.sudoku import is_valid_solution, parse, violations
+from dgemma.sudoku_task import HELD_OUT_SEED, VOCAB_SIZE, decode_board, encode_prompt, make_checker, write_tokenizer
 
-# Puzzle seeds: HELD_OUT_SEED + 1 (medium), + 2 (hard). examples/sudoku/train.py generates its training pools at
-# seed + 0..2 and its held-out sets at seed + 1_000_003 + 0..2 (seed defaults to 0); both ranges are kept clear.
-HELD_OUT_SEED = 7_340_000
-TRAINING_SEEDS = (range(0, 11), range(1_000_003, 1_000_014))
 DIFFICULTIES = ("medium", "hard")
-DIFFICULTY_OFFSET = {"easy": 0, "medium": 1, "hard": 2}
+
 
 
 def fail(message: str) -> NoReturn:
@@ -60,11 +57,10 @@ def fail(message: str) -> NoReturn:
 
 def held_out_puzzles(difficulty: str, n: int, seed: int) -> list[tuple[str, str]]:
     """`n` (puzzle, solution) pairs of a difficulty that no training run of the recipe has seen."""
-    s = seed + DIFFICULTY_OFFSET[difficulty]
-    if any(s in r for r in TRAINING_SEEDS):
-        fail(f"puzzle seed {s} is one examples/sudoku/train.py uses for training or its own "
-             "evaluation; pick another --seed")
-    return generate_dataset(n, difficulty, seed=s)
+    try:
+        return sudoku_task.held_out_puzzles(difficulty, n, seed)
+    except ValueError as e:
+        fail(str(e))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -460,8 +456,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     difficulties = [d for d in args.difficulties.split(",") if d]
-    if any(d not in DIFFICULTY_OFFSET for d in difficulties):
-        ap.error(f"--difficulties: each of {','.join(DIFFICULTY_OFFSET)}")
+    if any(d not in sudoku_task.DIFFICULTY_OFFSET for d in difficulties):
+        ap.error(f"--difficulties: each of {','.join(sudoku_task.DIFFICULTY_OFFSET)}")
     if args.n < 1:
         ap.error("--n must be at least 1")
     show_name, _, show_index = args.show.partition(":")
