@@ -143,15 +143,17 @@ class Experts(nn.Module):
         if self.dense and _grouped_mm_ok(xs):
             ys = _grouped_experts(xs, counts, self.gate_up_proj, self.down_proj)
         else:
-            ys = torch.empty_like(xs)
-            bounds = [0] + torch.cumsum(counts, 0).tolist()
-            for e in range(self.num_experts):
-                a, b = bounds[e], bounds[e + 1]
-                if a == b:
-                    continue  # an expert no token chose is never touched (nor dequantized)
+            # split + cat rather than slice reads and slice writes: under autograd every slice's backward fills a
+            # zero tensor the size of all of xs, one per expert, which cost training on CPU a fifth of its time.
+            outs = []
+            for e, xe in enumerate(torch.split(xs, counts.tolist())):
+                if xe.shape[0] == 0:
+                    outs.append(xe)  # an expert no token chose is never touched (nor dequantized)
+                    continue
                 gate_up, down = self.expert(e, x.dtype)
-                gate, up = F.linear(xs[a:b], gate_up).chunk(2, dim=-1)
-                ys[a:b] = F.linear(gelu_tanh(gate) * up, down)
+                gate, up = F.linear(xe, gate_up).chunk(2, dim=-1)
+                outs.append(F.linear(gelu_tanh(gate) * up, down))
+            ys = torch.cat(outs)
         # Back to (token, slot) order and a weighted sum over the k slots in one batched matmul: much faster than
         # index_add_ (a scatter) on CPU, and deterministic on GPU.
         unsorted = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, H)
