@@ -783,6 +783,25 @@ class _Service:
         return out
 
 
+async def _next_event(request, queue: asyncio.Queue, state: dict, every: float = 0.5):
+    """The next engine event for a request's handler, or None once its client has gone. The client is checked at
+    least every `every` seconds however busy the queue is: a fast model puts an event on it every few milliseconds,
+    so checking only when the queue goes quiet would never notice a client that left. `state` holds the time of the
+    next check between calls."""
+    while True:
+        try:
+            event = await asyncio.wait_for(queue.get(), timeout=every)
+        except asyncio.TimeoutError:
+            event = None
+        now = time.monotonic()
+        if now >= state.get("next_check", 0.0):
+            state["next_check"] = now + every
+            if await request.is_disconnected():
+                return None
+        if event is not None:
+            return event
+
+
 def _sse(obj: Any, event: str | None = None) -> str:
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(obj, ensure_ascii=False)}\n\n"
@@ -872,13 +891,12 @@ def create_app(model: Model, *, model_name: str = "dgemma", max_batch: int = DEF
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         results: dict[int, Result] = {}
         try:
+            watch: dict = {}
             while len(results) < len(reqs):
-                try:
-                    idx, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return error(499, "client closed the request")
-                    continue
+                item = await _next_event(request, queue, watch)
+                if item is None:
+                    return error(499, "client closed the request")
+                idx, ev = item
                 if ev[0] == "done":
                     results[idx] = ev[1]
                 elif ev[0] == "error":
@@ -922,13 +940,12 @@ def create_app(model: Model, *, model_name: str = "dgemma", max_batch: int = DEF
             if chat:
                 for i in range(len(reqs)):
                     yield chunk(i, "", role=True)
+            watch: dict = {}
             while len(finished) < len(reqs):
-                try:
-                    idx, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                item = await _next_event(request, queue, watch)
+                if item is None:
+                    return
+                idx, ev = item
                 kind = ev[0]
                 if kind == "chunk":
                     if ev[1]:
