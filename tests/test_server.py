@@ -219,7 +219,10 @@ def test_merged_server_batches_and_serves_everyone(model, merged_server):
     passes = after["decoder_passes"] - before["decoder_passes"]
     assert rows / passes > 4  # many requests per decoder pass
     for j, r in zip(jobs, results):
-        assert r.usage.completion_tokens == j["max_tokens"]  # ignore_eos: exactly what was asked for
+        # ignore_eos: the canvases hold exactly max_tokens tokens; usage counts the visible ones, and a pad token the
+        # random model happens to emit is not visible (merged passes differ from solo ones by float rounding, so
+        # which rows draw a pad depends on how the requests were merged: seen once in about six runs)
+        assert j["max_tokens"] - 3 <= r.usage.completion_tokens <= j["max_tokens"]
         canvases = -(-j["max_tokens"] // model.config.canvas_length)
         assert r.usage.model_extra["decoder_passes"] == canvases * STEPS  # a random model never stops early
     # alone on the merged server, a request is exactly the library's solo run
