@@ -57,6 +57,14 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+def gated_gelu(gate, up):
+    return gelu_tanh(gate) * up
+
+
 def rope_inv_freqs(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return {kind: torch.from_numpy(inv) for kind, inv in cfg.rope_inv_freqs().items()}
 
@@ -84,8 +92,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim) if self.v_proj is not None else k_raw
         k = self.k_norm(k_raw)
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         v = rms_norm(v, None, self.eps)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -152,7 +160,7 @@ class Experts(nn.Module):
                     continue
                 gate_up, down = self.expert(e, x.dtype)
                 gate, up = F.linear(xe, gate_up).chunk(2, dim=-1)
-                outs.append(F.linear(gelu_tanh(gate) * up, down))
+                outs.append(F.linear(gated_gelu(gate, up), down))
             ys = torch.cat(outs)
         # Back to (token, slot) order and a weighted sum over the k slots in one batched matmul: much faster than
         # index_add_ (a scatter) on CPU, and deterministic on GPU.
@@ -205,7 +213,7 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=False)
 
     def forward(self, x):
-        return self.down_proj(gelu_tanh(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated_gelu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Layer(nn.Module):

@@ -63,6 +63,21 @@ def decode_train(model: DiffusionGemmaText, canvas: torch.Tensor, state: KVState
     return model.decode(canvas, state, sc_probs, inplace_logits=False)
 
 
+def compile_hot_paths() -> None:
+    """torch.compile the elementwise-heavy pieces of every layer (attention projections with their norms and RoPE,
+    the router, the dense MLP, RMSNorm) for training: on CPU a step of the small Sudoku model spent more time in
+    unfused elementwise kernels than in matmuls, and fusing them makes a step about an eighth faster. The experts
+    stay eager (their per-expert split is data-dependent). Affects every model of this process; results are the
+    same up to float rounding."""
+    from . import model as m
+
+    for cls, name in ((m.Attention, "project"), (m.Router, "forward"), (m.DenseMLP, "forward"),
+                      (m.RMSNorm, "forward")):
+        fn = getattr(cls, name)
+        if not hasattr(fn, "_torchdynamo_orig_callable"):
+            setattr(cls, name, torch.compile(fn, dynamic=True))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The objective
 # ----------------------------------------------------------------------------------------------------------------

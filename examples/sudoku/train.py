@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", choices=["cuda", "mlx"], default="cuda",
                     help="cuda: PyTorch (GPU if available, else CPU); mlx: MLX (Apple silicon; CPU build on Linux)")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the elementwise-heavy layer pieces "
+                    "(PyTorch backend; about an eighth faster on CPU after a minute of compiling)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -83,6 +85,8 @@ def main(argv=None) -> int:
         load_kw = {}
     difficulty = tuple(int(x) for x in args.difficulty.split(",")) if "," in args.difficulty else args.difficulty
 
+    if args.compile and args.backend == "cuda":
+        recipe.compile_hot_paths()
     if args.init:
         model, config = recipe.load_model(args.init, **load_kw)
         config = dict(config)
