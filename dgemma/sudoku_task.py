@@ -256,18 +256,34 @@ def solve_rate(folder, pairs: Sequence[tuple[str, str]], *, backend: str = "cuda
     return {"solve_rate": sum(r.solved for r in results) / n, "steps": sum(r.steps for r in results) / n}
 
 
-# Evaluation puzzles: seed HELD_OUT_SEED + 0/1/2 for easy/medium/hard. examples/sudoku/train.py generates its training
-# pools at seed + 0..2 and its own held-out sets at seed + 1_000_003 + 0..2 (seed defaults to 0); both stay clear.
+# Evaluation puzzles: seed HELD_OUT_SEED + 0/1/2 for easy/medium/hard, HELD_OUT_SEED + 100 + G for exactly G givens.
+# examples/sudoku/train.py generates its training pools at seed + 0..2 and its own held-out sets at
+# seed + 1_000_003 + 0..2 (seed defaults to 0); both stay clear.
 HELD_OUT_SEED = 7_340_000
 TRAINING_SEEDS = (range(0, 11), range(1_000_003, 1_000_014))
 DIFFICULTY_OFFSET = {"easy": 0, "medium": 1, "hard": 2}
 
 
+def puzzle_band(difficulty: str) -> tuple[str | tuple[int, int], int]:
+    """(band for `generate_dataset`, seed offset) of a difficulty name, or of a number of givens ("50", 17..80)."""
+    if difficulty in DIFFICULTY_OFFSET:
+        return difficulty, DIFFICULTY_OFFSET[difficulty]
+    try:
+        givens = int(difficulty)
+    except ValueError:
+        raise ValueError(f"unknown difficulty {difficulty!r}: easy, medium, hard or a number of givens "
+                         "(17-80)") from None
+    if not 17 <= givens <= 80:
+        raise ValueError(f"a puzzle with a unique solution has 17 to 80 givens, got {givens}")
+    return (givens, givens), 100 + givens
+
+
 def held_out_puzzles(difficulty: str, n: int, seed: int = HELD_OUT_SEED) -> list[tuple[str, str]]:
-    """`n` (puzzle, solution) pairs of a difficulty that no training run of the recipe has seen (ValueError for a
-    seed that training uses)."""
-    s = seed + DIFFICULTY_OFFSET[difficulty]
+    """`n` (puzzle, solution) pairs of a difficulty (easy, medium, hard, or a number of givens such as "50") that no
+    training run of the recipe has seen (ValueError for a seed that training uses)."""
+    band, offset = puzzle_band(str(difficulty))
+    s = seed + offset
     if any(s in r for r in TRAINING_SEEDS):
         raise ValueError(f"puzzle seed {s} is one examples/sudoku/train.py uses for training or its own "
                          "evaluation; pick another --seed")
-    return generate_dataset(n, difficulty, seed=s)
+    return generate_dataset(n, band, seed=s)

@@ -321,3 +321,18 @@ def test_dataset_is_deterministic_and_independent_of_workers() -> None:
     assert sudoku.generate_dataset(16, "medium", seed=7, workers=2) == one
     # A prefix of a longer dataset is the shorter dataset: item i depends on (seed, i) only.
     assert sudoku.generate_dataset(20, "medium", seed=7)[:16] == one
+
+
+def test_held_out_sets_by_difficulty_or_givens() -> None:
+    from dgemma.sudoku_task import HELD_OUT_SEED, held_out_puzzles, puzzle_band
+
+    assert held_out_puzzles("medium", 3) == sudoku.generate_dataset(3, "medium", seed=HELD_OUT_SEED + 1)
+    fifty = held_out_puzzles("50", 3)
+    assert [givens_of(p) for p, _ in fifty] == [50] * 3
+    assert fifty == sudoku.generate_dataset(3, (50, 50), seed=HELD_OUT_SEED + 150)
+    assert held_out_puzzles(55, 2) == held_out_puzzles("55", 2)
+    for bad, fragment in (("extreme", "unknown difficulty"), ("12", "17 to 80"), ("81", "17 to 80")):
+        with pytest.raises(ValueError, match=fragment):
+            puzzle_band(bad)
+    with pytest.raises(ValueError, match="uses for training"):
+        held_out_puzzles("easy", 1, seed=0)

@@ -399,18 +399,19 @@ def save_gif(images: list, path: Path, fps: float) -> None:
 
 
 def choose_puzzle(spec: str, results: dict, difficulties: list[str]) -> tuple[str, int]:
-    """--show: DIFFICULTY:INDEX, or 'auto' = in the hardest difficulty run, the first puzzle the tuned model solves and
-    the base does not (else the first the tuned model solves, else the first)."""
+    """--show: DIFFICULTY:INDEX, or 'auto' = the first puzzle the tuned model solves and the base does not, looking in
+    the difficulties from the last listed to the first (else the first the tuned model solves, else the last
+    difficulty's first puzzle)."""
     if spec != "auto":   # validated against --difficulties and --n in main
         name, _, idx = spec.partition(":")
         return name, int(idx)
-    name = difficulties[-1]
-    tuned, base = results["tuned"][name], results["base"][name]
-    for test in (lambda i: tuned[i].solved and not base[i].solved, lambda i: tuned[i].solved):
-        for i in range(len(tuned)):
-            if test(i):
-                return name, i
-    return name, 0
+    for test in (lambda t, b, i: t[i].solved and not b[i].solved, lambda t, b, i: t[i].solved):
+        for name in reversed(difficulties):
+            tuned, base = results["tuned"][name], results["base"][name]
+            for i in range(len(tuned)):
+                if test(tuned, base, i):
+                    return name, i
+    return difficulties[-1], 0
 
 
 def markdown_table(summaries: dict, difficulties: list[str], labels: list[str]) -> str:
@@ -436,8 +437,10 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="cuda", help="cuda (PyTorch, also on CPU) or mlx")
     ap.add_argument("--device", default=None)
     ap.add_argument("--n", type=int, default=32, help="held-out puzzles per difficulty")
-    ap.add_argument("--difficulties", default=",".join(DIFFICULTIES))
-    ap.add_argument("--seed", type=int, default=HELD_OUT_SEED, help="held-out puzzle seed (+1 medium, +2 hard)")
+    ap.add_argument("--difficulties", default=",".join(DIFFICULTIES),
+                    help="comma-separated: easy, medium, hard, or a number of givens (e.g. 50)")
+    ap.add_argument("--seed", type=int, default=HELD_OUT_SEED,
+                    help="held-out puzzle seed (+0 easy, +1 medium, +2 hard, +100+G for G givens)")
     ap.add_argument("--sample-seed", type=int, default=0, help="puzzle i is sampled with seed SAMPLE_SEED + i")
     ap.add_argument("--batch", type=int, default=32, help="puzzles per generate_batch call")
     ap.add_argument("--constraints", action=argparse.BooleanOptionalAction, default=True,
@@ -456,8 +459,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
     difficulties = [d for d in args.difficulties.split(",") if d]
-    if any(d not in sudoku_task.DIFFICULTY_OFFSET for d in difficulties):
-        ap.error(f"--difficulties: each of {','.join(sudoku_task.DIFFICULTY_OFFSET)}")
+    for d in difficulties:
+        try:
+            sudoku_task.puzzle_band(d)
+        except ValueError as e:
+            ap.error(f"--difficulties: {e}")
     if args.n < 1:
         ap.error("--n must be at least 1")
     show_name, _, show_index = args.show.partition(":")
