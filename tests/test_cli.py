@@ -5,11 +5,15 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from dgemma.cli import main
+from dgemma.sudoku_task import held_out_puzzles
+
+README_PUZZLE = held_out_puzzles("55", 1)[0][0]
 
 
 def run_cli(*args, env=None):
@@ -26,16 +30,20 @@ def one_line_error(result, *fragments):
 
 
 def test_generate_on_the_default_model_in_a_fresh_process(tmp_path):
-    """The README's main command: no --model, the package writes its small default checkpoint once."""
+    """The README's main command: no --model, the Sudoku model shipped in the package solves the puzzle."""
     env = dict(os.environ, DGEMMA_CACHE=str(tmp_path / "cache"))
-    cmd = [sys.executable, "-m", "dgemma.cli", "generate", "--prompt", "Hello", "--max-new-tokens", "40",
-           "--seed", "0"]
+    puzzle = README_PUZZLE
+    cmd = [sys.executable, "-m", "dgemma.cli", "generate", "--prompt", puzzle, "--seed", "0"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert "tokens/forward" in out.stderr and "steps per canvas" in out.stderr
-    assert (tmp_path / "cache" / "random-tiny-v1" / "model.safetensors").exists()
+    assert "solved 1/1" in out.stderr and "tokens/forward" in out.stderr
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    assert again.stdout == out.stdout  # same seed, same text
+    assert again.stdout == out.stdout  # same seed, same board
+
+
+def test_readme_main_command_uses_this_puzzle():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert f'dgemma generate --prompt "{README_PUZZLE}"' in readme
 
 
 def test_json_batch_and_chat(random_default):
