@@ -122,13 +122,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
-    difficulties = [d for d in args.difficulties.split(",") if d]
+    try:
+        difficulties = sudoku_task.parse_difficulties(args.difficulties)
+    except ValueError as e:
+        ap.error(f"--difficulties: {e}")
     modes = [m for m in args.modes.split(",") if m]
-    for d in difficulties:
-        try:
-            sudoku_task.puzzle_band(d)
-        except ValueError as e:
-            ap.error(f"--difficulties: {e}")
     if any(m not in MODES for m in modes):
         ap.error(f"--modes: each of {','.join(MODES)}")
     if args.n < 1 or args.retries < 0:

@@ -278,6 +278,15 @@ def puzzle_band(difficulty: str) -> tuple[str | tuple[int, int], int]:
     return (givens, givens), 100 + givens
 
 
+def parse_difficulties(spec: str) -> list[str]:
+    """A comma-separated --difficulties value as a list, each checked by `puzzle_band` (ValueError names the bad
+    one)."""
+    names = [d for d in spec.split(",") if d]
+    for d in names:
+        puzzle_band(d)
+    return names
+
+
 def held_out_puzzles(difficulty: str, n: int, seed: int = HELD_OUT_SEED) -> list[tuple[str, str]]:
     """`n` (puzzle, solution) pairs of a difficulty (easy, medium, hard, or a number of givens such as "50") that no
     training run of the recipe has seen (ValueError for a seed that training uses)."""

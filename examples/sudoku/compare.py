@@ -2,11 +2,13 @@
 
     python examples/sudoku/compare.py --out runs/compare                       # the shipped model vs its untrained twin
     python examples/sudoku/compare.py --model runs/sudoku --base runs/other --n 32 --no-constraints --out runs/cmp
-    python examples/sudoku/compare.py --model runs/sudoku --n 4 --no-animate --show hard:2 --out /tmp/cmp
+    python examples/sudoku/compare.py --model runs/sudoku --n 4 --difficulties medium,hard --no-animate --show hard:2 \
+        --out /tmp/cmp
 
-Puzzles: `--n` per difficulty (default 50 givens, easy, medium) from `dgemma.sudoku.generate_dataset` at a held-out seed (default
-HELD_OUT_SEED + 1 for medium, + 2 for hard), disjoint from the seeds examples/sudoku/train.py draws its pools (0..10)
-and held-out evaluation sets (1_000_003..1_000_013) from; a --seed that would collide is refused.
+Puzzles: `--n` per difficulty (default: 50 givens, easy, medium) from `dgemma.sudoku_task.held_out_puzzles` at a
+held-out seed (HELD_OUT_SEED + 0/1/2 for easy/medium/hard, + 100 + G for G givens), disjoint from the seeds
+examples/sudoku/train.py draws its pools (0..10) and held-out evaluation sets (1_000_003..1_000_013) from; a --seed
+that would collide is refused.
 
 Base: by default a freshly initialised model of the tuned model's own config.json (`new_model(config, --base-seed)`,
 exported with the Sudoku tokenizer into a temporary folder). For a model that examples/sudoku/train.py trained from
@@ -458,12 +460,10 @@ def main(argv=None) -> int:
     ap.add_argument("--columns", type=int, default=12, help="most boards per row in the contact sheet")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
-    difficulties = [d for d in args.difficulties.split(",") if d]
-    for d in difficulties:
-        try:
-            sudoku_task.puzzle_band(d)
-        except ValueError as e:
-            ap.error(f"--difficulties: {e}")
+    try:
+        difficulties = sudoku_task.parse_difficulties(args.difficulties)
+    except ValueError as e:
+        ap.error(f"--difficulties: {e}")
     if args.n < 1:
         ap.error("--n must be at least 1")
     show_name, _, show_index = args.show.partition(":")
