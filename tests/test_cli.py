@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from dgemma.cli import main
+from dgemma.sudoku import is_valid_solution, parse
 from dgemma.sudoku_task import held_out_puzzles
 
 README_PUZZLE = held_out_puzzles("55", 1)[0][0]
@@ -37,6 +38,11 @@ def test_generate_on_the_default_model_in_a_fresh_process(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert "solved 1/1" in out.stderr and "tokens/forward" in out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 11 and lines[3] == "------+-------+------"
+    board = "".join(ch for ln in lines for ch in ln if ch.isdigit())
+    assert is_valid_solution(parse(puzzle), board)
+    assert not (tmp_path / "cache").exists()  # the shipped model is read in place: no random model is written
     again = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert again.stdout == out.stdout  # same seed, same board
 
