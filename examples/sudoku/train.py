@@ -33,6 +33,18 @@ from dgemma.sudoku_task import (CANVAS_LENGTH, encode_batch, solve_rate, sudoku_
                                 sudoku_model_config, write_tokenizer)
 
 
+def parse_mix(text: str, ap: argparse.ArgumentParser) -> tuple[np.ndarray, np.ndarray]:
+    """--mix "E,M,H:E,M,H" -> two probability vectors over the easy/medium/hard pools (each normalised to 1)."""
+    try:
+        ends = [np.array([float(x) for x in part.split(",")]) for part in text.split(":")]
+    except ValueError:
+        ends = []
+    if len(ends) != 2 or any(e.shape != (3,) or (e < 0).any() or e.sum() <= 0 for e in ends):
+        ap.error(f"--mix {text!r}: expected two easy,medium,hard weight triples joined by ':', "
+                 "e.g. 0.7,0.3,0:0.15,0.45,0.4")
+    return ends[0] / ends[0].sum(), ends[1] / ends[1].sum()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="output folder (checkpoint + train_state.pt)")
@@ -47,6 +59,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
     ap.add_argument("--difficulty", default="curriculum", help="curriculum, easy, medium, hard, or LO,HI givens")
+    ap.add_argument("--mix", default="0.7,0.3,0:0.15,0.45,0.4",
+                    help="curriculum weights easy,medium,hard at the first step : at the last (linear in between); "
+                         "a run continuing a trained model starts harder, e.g. 0.2,0.5,0.3:0.1,0.45,0.45")
     ap.add_argument("--pool", default="6000,10000,5000", help="unique puzzles generated per difficulty (easy,medium,"
                     "hard); with a fixed difficulty the first number")
     ap.add_argument("--eval-size", type=int, default=64)
@@ -116,12 +131,14 @@ def main(argv=None) -> int:
     eval_prompts, eval_targets = encode_batch(eval_pairs, canvas)
     eval_blanks = np.array([[c == "." for c in p] for p, _ in eval_pairs])
 
+    mix_start, mix_end = parse_mix(args.mix, ap)
+
     def mix(step: int) -> np.ndarray:
         """Sampling weights over the pools at `step`: the curriculum goes from mostly easy to mostly medium/hard."""
         if len(names) == 1:
             return np.ones(1)
         f = min(1.0, step / max(1, args.steps))
-        return (1 - f) * np.array([0.7, 0.3, 0.0]) + f * np.array([0.15, 0.45, 0.4])
+        return (1 - f) * mix_start + f * mix_end
 
     def batch_fn(step: int, rng: np.random.Generator):
         which = rng.choice(len(names), size=args.batch, p=mix(step))
