@@ -287,14 +287,16 @@ def test_example_script_end_to_end_and_resume(tmp_path, capsys):
         script.main(["--out", str(resumed), "--steps", "5", "--resume", "--lora-rank", "2"] + ARGS)
 
 
-def test_example_script_mix_parses_and_rejects_bad_weights():
-    """--mix "E,M,H:E,M,H": the curriculum's start and end weights, normalised; a malformed value is a usage error."""
-    import argparse
-
+def test_example_script_mix_parses_and_rejects_bad_weights(tmp_path, capsys):
+    """--mix "E,M,H:E,M,H": the curriculum's start and end weights, normalised; a malformed value is a one-line usage
+    error before any output folder is made."""
     script = _script()
-    ap = argparse.ArgumentParser()
-    start, end = script.parse_mix("2,2,0:1,1,2", ap)
+    start, end = script.parse_mix("2,2,0:1,1,2")
     assert np.allclose(start, [0.5, 0.5, 0.0]) and np.allclose(end, [0.25, 0.25, 0.5])
     for bad in ("1,2", "1,2,3", "a,b,c:1,1,1", "0,0,0:1,1,1", "1,-1,1:1,1,1"):
-        with pytest.raises(SystemExit):
-            script.parse_mix(bad, ap)
+        with pytest.raises(ValueError, match="weight triples"):
+            script.parse_mix(bad)
+    with pytest.raises(SystemExit):
+        script.main(["--out", str(tmp_path / "never"), "--mix", "1,2"] + ARGS)
+    assert "--mix '1,2': expected two" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

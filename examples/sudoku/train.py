@@ -33,15 +33,16 @@ from dgemma.sudoku_task import (CANVAS_LENGTH, encode_batch, solve_rate, sudoku_
                                 sudoku_model_config, write_tokenizer)
 
 
-def parse_mix(text: str, ap: argparse.ArgumentParser) -> tuple[np.ndarray, np.ndarray]:
-    """--mix "E,M,H:E,M,H" -> two probability vectors over the easy/medium/hard pools (each normalised to 1)."""
+def parse_mix(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """--mix "E,M,H:E,M,H" -> two probability vectors over the easy/medium/hard pools (each normalised to 1);
+    ValueError for anything else."""
     try:
         ends = [np.array([float(x) for x in part.split(",")]) for part in text.split(":")]
     except ValueError:
         ends = []
     if len(ends) != 2 or any(e.shape != (3,) or (e < 0).any() or e.sum() <= 0 for e in ends):
-        ap.error(f"--mix {text!r}: expected two easy,medium,hard weight triples joined by ':', "
-                 "e.g. 0.7,0.3,0:0.15,0.45,0.4")
+        raise ValueError(f"{text!r}: expected two easy,medium,hard weight triples joined by ':', "
+                         "e.g. 0.7,0.3,0:0.15,0.45,0.4")
     return ends[0] / ends[0].sum(), ends[1] / ends[1].sum()
 
 
@@ -83,6 +84,10 @@ def main(argv=None) -> int:
                     "(PyTorch backend; about an eighth faster on CPU after a minute of compiling)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    try:  # before any folder is made or puzzle generated
+        mix_start, mix_end = parse_mix(args.mix)
+    except ValueError as e:
+        ap.error(f"--mix {e}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,10 +136,8 @@ def main(argv=None) -> int:
     eval_prompts, eval_targets = encode_batch(eval_pairs, canvas)
     eval_blanks = np.array([[c == "." for c in p] for p, _ in eval_pairs])
 
-    mix_start, mix_end = parse_mix(args.mix, ap)
-
     def mix(step: int) -> np.ndarray:
-        """Sampling weights over the pools at `step`: the curriculum goes from mostly easy to mostly medium/hard."""
+        """Sampling weights over the pools at `step`: linear from --mix's start weights to its end weights."""
         if len(names) == 1:
             return np.ones(1)
         f = min(1.0, step / max(1, args.steps))
