@@ -5,24 +5,29 @@ backend, difficulty and sampler mode.
     python bench/bench_sudoku.py --model runs/sudoku --backends cuda --n 32 --retries 2 --json bench-sudoku.json
 
 Puzzles: --n per difficulty (medium, hard) from `dgemma.sudoku.generate_dataset` at a fixed held-out seed (default
-HELD_OUT_SEED + 1 for medium, + 2 for hard), disjoint from the seeds examples/sudoku/train.py draws its pools (0..10)
-and its own evaluation sets (1_000_003..1_000_013) from; a --seed that would collide is refused. Puzzle i is sampled
-with seed --sample-seed + i in every mode and on every backend, and all puzzles of a cell go through generate_batch
---batch at a time.
+HELD_OUT_SEED + 1 for medium, + 2 for hard), disjoint from the seeds examples/sudoku/train.py draws its pools (0..13)
+and its own evaluation sets (1_000_003..1_000_016) from; a --seed that would collide is refused. Puzzle i is sampled
+with seed --sample-seed + i in every mode and on every backend; every cell goes through `solve_puzzles`, --batch
+puzzles per batch.
 
-Modes (the sampler settings are the checkpoint's generation_config in all three):
+Modes (the sampler settings are the checkpoint's generation_config in all of them):
   plain     the sampler alone, no checker;
   renoise   constraint-aware re-noising: accepted digits that repeat in a row, column or box, overwrite a given, or are
-            not a digit at all are re-noised (make_checker, max_retries=0);
+            not a digit at all are re-noised (make_checker, max_retries=0), and a board stops as soon as it is a
+            solution (the strict checker verifies a whole answer: stop_when_valid);
   retries   the same, and a finished canvas that still breaks a rule is denoised again from itself, up to --retries
-            times (max_retries=K).
+            times (max_retries=K);
+  attempts  renoise on --attempts symmetric views of each puzzle side by side in one batch (`puzzle_views`: the
+            puzzle itself and relabelled, permuted copies, each with its own noise); the first view that solves it
+            ends the group, its steps are the puzzle's.
 
-Per (backend, difficulty, mode): solved % (complete, rule-abiding, givens kept: `is_valid_solution` on the first 81
-canvas cells), mean and max denoising passes per puzzle (retry passes included), tokens per forward (all generated
-non-pad tokens / all decoder passes, pooled over the puzzles), wall seconds per puzzle (the cell's generate_batch wall
-time / n, after one untimed warm-up batch per backend). Goals: solved >= 95% on medium and >= 80% on hard, with a
-mean of <= 12 denoising passes; each row says met or not met (and which part missed). Torch runs on a GPU when there
-is one, otherwise on the CPU; MLX on Apple silicon or its CPU build.
+Per (backend, difficulty, mode): solved % (complete, rule-abiding, givens kept: `is_valid_solution`), mean and max
+denoising passes per puzzle (retry passes included; for attempts, the group's passes), tokens per forward (generated
+non-pad tokens / decoder passes, pooled over the puzzles, per puzzle: an attempts pass denoises canvases/pass
+canvases), wall seconds per puzzle (the cell's wall time / n, after one untimed warm-up batch per backend). Goals:
+solved >= 95% on medium and >= 80% on hard, with a mean of <= 12 denoising passes; each row says met or not met
+(and which part missed). Torch runs on a GPU when there is one, otherwise on the CPU; MLX on Apple silicon or its
+CPU build.
 """
 
 from __future__ import annotations
@@ -40,13 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dgemma  # noqa: E402
 from dgemma.errors import BackendUnavailable, DgemmaError  # noqa: E402
-from dgemma.sudoku import is_valid_solution  # noqa: E402
 from dgemma import sudoku_task  # noqa: E402
-from dgemma.sudoku_task import HELD_OUT_SEED, VOCAB_SIZE, decode_board, encode_prompt, make_checker  # noqa: E402
+from dgemma.sudoku_task import HELD_OUT_SEED, VOCAB_SIZE, encode_prompt, solve_puzzles  # noqa: E402
 
 GOAL_SOLVED = {"medium": 0.95, "hard": 0.80}
 GOAL_MEAN_STEPS = 12.0
-MODES = ("plain", "renoise", "retries")
+MODES = ("plain", "renoise", "retries", "attempts")
 
 
 def fail(message: str) -> NoReturn:
@@ -63,31 +67,29 @@ def held_out_puzzles(difficulty: str, n: int, seed: int) -> list[tuple[str, str]
         fail(str(e))
 
 
-def mode_kwargs(mode: str, puzzles: list[str], retries: int) -> dict:
+def mode_settings(mode: str, retries: int, attempts: int) -> dict:
+    """solve_puzzles keywords of a mode."""
     if mode == "plain":
-        return {}
-    return {"checker": make_checker(puzzles), "max_retries": retries if mode == "retries" else 0}
+        return {"constraints": False, "max_retries": 0, "attempts": 1}
+    return {"constraints": True, "max_retries": retries if mode == "retries" else 0,
+            "attempts": attempts if mode == "attempts" else 1}
 
 
-def run_cell(model, puzzles: list[str], seeds: list[int], mode: str, retries: int, batch: int, sampler: dict) -> dict:
-    """One (backend, difficulty, mode) cell: every puzzle through generate_batch, `batch` at a time."""
-    solved, steps, passes, tokens = [], [], 0, 0.0
-    wall = 0.0
-    for i in range(0, len(puzzles), batch):
-        chunk = puzzles[i:i + batch]
-        t0 = time.perf_counter()
-        gens = model.generate_batch([encode_prompt(p) for p in chunk], seeds=seeds[i:i + batch],
-                                    **mode_kwargs(mode, chunk, retries), **sampler)
-        wall += time.perf_counter() - t0
-        for p, g in zip(chunk, gens):
-            # Raw tokens keep canvas positions (visible ones drop pads): cell i is canvas position i.
-            solved.append(is_valid_solution(p, decode_board(g.raw_token_ids[:81])))
-            steps.append(sum(g.stats.steps_per_canvas))
-            passes += g.stats.decoder_passes
-            tokens += g.stats.tokens_per_forward * g.stats.decoder_passes
-    return {"n": len(puzzles), "solved": float(np.mean(solved)), "mean_steps": float(np.mean(steps)),
-            "max_steps": int(max(steps)), "tokens_per_forward": tokens / passes if passes else 0.0,
-            "seconds_per_puzzle": wall / len(puzzles)}
+def run_cell(model, puzzles: list[str], sample_seed: int, mode: str, retries: int, attempts: int, batch: int,
+             sampler: dict) -> dict:
+    """One (backend, difficulty, mode) cell: every puzzle through `solve_puzzles`, `batch` puzzles per batch (times
+    the attempts: each attempt is a canvas of the batch)."""
+    settings = mode_settings(mode, retries, attempts)
+    t0 = time.perf_counter()
+    results = solve_puzzles(model, puzzles, seed=sample_seed, batch_size=batch * settings["attempts"], **settings,
+                            **sampler)
+    wall = time.perf_counter() - t0
+    steps = [r.steps for r in results]  # one canvas per puzzle: steps are its decoder passes (retries included)
+    tokens = sum(r.tokens_per_forward * r.steps for r in results)
+    return {"n": len(puzzles), "solved": float(np.mean([r.solved for r in results])),
+            "mean_steps": float(np.mean(steps)), "max_steps": int(max(steps)),
+            "tokens_per_forward": tokens / sum(steps) if sum(steps) else 0.0,
+            "canvases_per_pass": settings["attempts"], "seconds_per_puzzle": wall / len(puzzles)}
 
 
 def verdict(difficulty: str, row: dict) -> str:
@@ -113,6 +115,7 @@ def main() -> int:
                     help="comma-separated: easy, medium, hard, or a number of givens (e.g. 50)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument("--retries", type=int, default=2, help="max_retries in the 'retries' mode")
+    ap.add_argument("--attempts", type=int, default=8, help="symmetric views per puzzle in the 'attempts' mode")
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED,
                     help="held-out puzzle seed (+0 easy, +1 medium, +2 hard, +100+G for G givens)")
     ap.add_argument("--sample-seed", type=int, default=0, help="puzzle i is sampled with seed SAMPLE_SEED + i")
@@ -129,8 +132,8 @@ def main() -> int:
     modes = [m for m in args.modes.split(",") if m]
     if any(m not in MODES for m in modes):
         ap.error(f"--modes: each of {','.join(MODES)}")
-    if args.n < 1 or args.retries < 0:
-        ap.error("--n must be >= 1 and --retries >= 0")
+    if args.n < 1 or args.retries < 0 or args.attempts < 1:
+        ap.error("--n and --attempts must be >= 1 and --retries >= 0")
     if args.threads:
         import torch
 
@@ -145,7 +148,7 @@ def main() -> int:
     data = {d: held_out_puzzles(d, args.n, args.seed) for d in difficulties}
     print(f"model {model_path}; {args.n} held-out puzzles per difficulty (seed {args.seed}, generated in "
           f"{time.perf_counter() - t0:.1f}s); modes: plain = no checker, renoise = checker + max_retries 0, "
-          f"retries = checker + max_retries {args.retries}")
+          f"retries = checker + max_retries {args.retries}, attempts = checker + {args.attempts} symmetric views")
     print(f"goals: solved >= {100 * GOAL_SOLVED['medium']:.0f}% medium, >= {100 * GOAL_SOLVED['hard']:.0f}% hard; "
           f"mean denoising steps <= {GOAL_MEAN_STEPS:g}")
 
@@ -171,10 +174,10 @@ def main() -> int:
         model.generate_batch([encode_prompt(p) for p in warm], seeds=list(range(len(warm))), **sampler)
         for d in difficulties:
             puzzles = [p for p, _ in data[d]]
-            seeds = [args.sample_seed + i for i in range(len(puzzles))]
             for mode in modes:
                 row = {"backend": backend, "device": devices[backend], "difficulty": d, "mode": mode,
-                       **run_cell(model, puzzles, seeds, mode, args.retries, args.batch, sampler)}
+                       **run_cell(model, puzzles, args.sample_seed, mode, args.retries, args.attempts, args.batch,
+                                  sampler)}
                 row["goal"] = verdict(d, row)
                 rows.append(row)
                 print(f"  {backend} {d} {mode}: {100 * row['solved']:.1f}% solved, {row['mean_steps']:.1f} steps, "
@@ -184,17 +187,19 @@ def main() -> int:
     if not rows:
         fail("no backend could run (see the skipped lines above)")
     print()
-    print("| backend | difficulty | mode | solved % | mean steps | max steps | tokens/forward | s/puzzle | goal |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    print("| backend | difficulty | mode | solved % | mean steps | max steps | tokens/forward | canvases/pass "
+          "| s/puzzle | goal |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         print(f"| {r['backend']} | {r['difficulty']} | {r['mode']} | {100 * r['solved']:.1f} | {r['mean_steps']:.1f} "
-              f"| {r['max_steps']} | {r['tokens_per_forward']:.2f} | {r['seconds_per_puzzle']:.3f} | {r['goal']} |")
+              f"| {r['max_steps']} | {r['tokens_per_forward']:.2f} | {r['canvases_per_pass']} "
+              f"| {r['seconds_per_puzzle']:.3f} | {r['goal']} |")
     for backend, desc in devices.items():
         print(f"{backend}: {desc}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "model": str(model_path), "n": args.n, "seed": args.seed, "sample_seed": args.sample_seed,
-            "batch": args.batch, "retries": args.retries, "devices": devices,
+            "batch": args.batch, "retries": args.retries, "attempts": args.attempts, "devices": devices,
             "goals": {"solved": GOAL_SOLVED, "mean_steps": GOAL_MEAN_STEPS}, "rows": rows}, indent=2))
         print(f"wrote {args.json}")
     return 0

@@ -15,7 +15,7 @@ from .backend import Backend, backend_class
 from .checkpoint import Checkpoint
 from .config import ModelConfig, SamplerSettings
 from .errors import InputError
-from .scheduler import BatchRun, run_blocks
+from .scheduler import BatchRun, attempt_seed, run_blocks
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -31,6 +31,8 @@ class GenerationStats:
     finish_reason: str             # "eos" or "length"
     seconds: float
     retries: int = 0               # constraint-driven re-denoising rounds (checker / max_retries)
+    attempts: int = 1              # parallel attempts at this request (each pass denoised that many canvases)
+    chosen: bool = True            # with `groups`: whether this row's canvas is the one its group kept
 
     @property
     def tokens_per_second(self) -> float:
@@ -127,35 +129,57 @@ class Model:
 
     # -- generation -------------------------------------------------------------------------------------------------
     def generate(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
-                 checker=None, max_retries: int = 0, on_step=None, **sampler: Any) -> Generation:
+                 checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False, on_step=None,
+                 **sampler: Any) -> Generation:
         """Generate for one prompt (text, chat messages or token ids). Sampler overrides: max_new_tokens,
         max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold,
         eos_token_ids, pad_token_id. `checker(row, canvas_tokens) -> bool mask` turns on constraint-aware sampling
         (violating tokens are re-noised; a finished canvas that still violates is re-denoised up to `max_retries`
-        times); `on_step(block, step, argmax, accepted)` sees every denoising pass (device arrays)."""
+        times); `on_step(block, step, argmax, accepted)` sees every denoising pass (device arrays).
+        `attempts=K` denoises K canvases of the prompt side by side, each with its own noise, in one batch; the
+        first that passes the checker is kept (else the one the checker flags least). `stop_when_valid` ends a canvas
+        as soon as it passes the checker (for a checker that verifies a whole answer)."""
         return self.generate_batch([prompt], seeds=None if seed is None else [seed], chat=chat,
                                    noises=None if noise is None else [noise], checker=checker,
-                                   max_retries=max_retries, on_step=on_step, **sampler)[0]
+                                   max_retries=max_retries, attempts=attempts, stop_when_valid=stop_when_valid,
+                                   on_step=on_step, **sampler)[0]
 
     def generate_batch(self, prompts: Sequence[Prompt], *, seeds: Sequence[int] | None = None,
-                       chat: bool | None = None, noises=None, checker=None, max_retries: int = 0, on_step=None,
+                       chat: bool | None = None, noises=None, checker=None, max_retries: int = 0, attempts: int = 1,
+                       stop_when_valid: bool = False, groups: Sequence[int] | None = None, on_step=None,
                        **sampler: Any) -> list[Generation]:
-        """Generate for several prompts in one batch (left-padded); each row has its own seed."""
-        run, settings, ids, started = self._start(prompts, seeds, chat, noises, sampler)
-        for _ in run_blocks(self.backend, ids, settings, run["noises"], run=run["batch"], checker=checker,
-                            max_retries=max_retries, on_step=on_step):
+        """Generate for several prompts in one batch (left-padded); each row has its own seed. `checker`,
+        `max_retries`, `attempts` and `stop_when_valid` as in `generate` (the checker's row is the prompt's index).
+        `groups` (one id per prompt, instead of `attempts`) makes prompts with the same id parallel attempts at one
+        request that may be encoded differently (Sudoku's symmetric views); every prompt gets its Generation, and
+        `stats.chosen` marks the one its group kept."""
+        if groups is not None and attempts != 1:
+            raise InputError("give either attempts or groups, not both")
+        run, settings, ids, started = self._start(prompts, seeds, chat, noises, sampler, attempts)
+        if groups is not None:
+            run["groups"] = list(groups)
+        for _ in run_blocks(self.backend, run["ids"], settings, run["noises"], run=run["batch"],
+                            checker=_per_prompt(checker, attempts), max_retries=max_retries, groups=run["groups"],
+                            stop_when_valid=stop_when_valid, on_step=on_step):
             pass
-        return self._results(run["batch"], settings, ids, time.perf_counter() - started)
+        out = self._results(run["batch"], settings, run["ids"], time.perf_counter() - started, attempts)[::attempts]
+        if groups is not None:
+            sizes = {g: list(groups).count(g) for g in set(groups)}
+            for g, gen in zip(groups, out):
+                gen.stats.attempts = sizes[g]
+        return out
 
     def stream(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
-               checker=None, max_retries: int = 0, on_step=None, **sampler: Any) -> Iterator[CanvasChunk]:
+               checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False, on_step=None,
+               **sampler: Any) -> Iterator[CanvasChunk]:
         """Yield each committed canvas of one prompt's generation as it is finished."""
         run, settings, ids, _ = self._start([prompt], None if seed is None else [seed], chat,
-                                            None if noise is None else [noise], sampler)
+                                            None if noise is None else [noise], sampler, attempts)
         produced = 0
         text_so_far = ""
-        for ev in run_blocks(self.backend, ids, settings, run["noises"], run=run["batch"], checker=checker,
-                             max_retries=max_retries, on_step=on_step):
+        for ev in run_blocks(self.backend, run["ids"], settings, run["noises"], run=run["batch"],
+                             checker=_per_prompt(checker, attempts), max_retries=max_retries, groups=run["groups"],
+                             stop_when_valid=stop_when_valid, on_step=on_step):
             toks = _visible(ev.tokens[0].tolist(), settings)[: max(0, settings.max_new_tokens - produced)]
             produced += len(toks)
             chunk_text = ""
@@ -164,19 +188,28 @@ class Model:
                 chunk_text, text_so_far = full[len(text_so_far):], full
             yield CanvasChunk(ev.block, chunk_text, toks, ev.steps[0], ev.finished[0])
 
-    def _start(self, prompts, seeds, chat, noises, sampler):
+    def _start(self, prompts, seeds, chat, noises, sampler, attempts: int = 1):
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise InputError("prompts must be a list")
+        if not isinstance(attempts, int) or attempts < 1:
+            raise InputError(f"attempts must be a whole number >= 1 (got {attempts!r})")
         settings = self.settings(**sampler)
         ids = [self.encode_prompt(p, chat) for p in prompts]
         if seeds is not None and len(seeds) != len(ids):
             raise InputError(f"{len(seeds)} seeds for {len(ids)} prompts")
+        if noises is not None and attempts > 1:
+            raise InputError("give seeds, not noise sources, with attempts > 1 (each attempt draws its own noise)")
         if noises is None:
             seeds = list(seeds) if seeds is not None else [secrets.randbits(63) for _ in ids]
-            noises = [self.backend.row_noise(s) for s in seeds]
-        return {"noises": noises, "batch": BatchRun([len(p) for p in ids])}, settings, ids, time.perf_counter()
+            noises = [self.backend.row_noise(attempt_seed(s, a)) for s in seeds for a in range(attempts)]
+        rows = [p for p in ids for _ in range(attempts)]
+        groups = [i for i in range(len(ids)) for _ in range(attempts)] if attempts > 1 else None
+        return ({"noises": noises, "ids": rows, "groups": groups, "batch": BatchRun([len(p) for p in rows])},
+                settings, ids, time.perf_counter())
 
-    def _results(self, run: BatchRun, settings: SamplerSettings, ids, seconds: float) -> list[Generation]:
+    def _results(self, run: BatchRun, settings: SamplerSettings, ids, seconds: float,
+                 attempts: int = 1) -> list[Generation]:
+        """One Generation per batch row (rows of one group carry the same canvases and passes)."""
         out = []
         eos = set(settings.eos_token_ids)
         for r in range(len(ids)):
@@ -191,10 +224,27 @@ class Model:
                 prompt_tokens=len(ids[r]), generated_tokens=len(toks), canvases=len(steps), decoder_passes=passes,
                 steps_per_canvas=steps, tokens_per_forward=non_pad / passes if passes else 0.0,
                 finish_reason="eos" if hit_eos and len(visible) <= settings.max_new_tokens else "length",
-                seconds=seconds, retries=sum(ev.retries[r] for ev in run.canvases))
+                seconds=seconds, retries=sum(ev.retries[r] for ev in run.canvases), attempts=attempts,
+                chosen=all(ev.chosen[r] for ev in run.canvases if ev.steps[r] > 0))
             text = self.tokenizer.decode(toks) if self.tokenizer is not None else ""
             out.append(Generation(text, toks, stats, raw))
         return out
+
+
+class _PerPrompt:
+    """A checker over the expanded batch (attempts rows per prompt) that calls the user's with the prompt's index."""
+
+    def __init__(self, checker, attempts: int):
+        self.checker, self.attempts = checker, attempts
+        if hasattr(checker, "many"):
+            self.many = lambda rows, tokens: checker.many(np.asarray(rows) // attempts, tokens)
+
+    def __call__(self, row, tokens):
+        return self.checker(row // self.attempts, tokens)
+
+
+def _per_prompt(checker, attempts: int):
+    return checker if checker is None or attempts == 1 else _PerPrompt(checker, attempts)
 
 
 def _visible(tokens: list[int], settings: SamplerSettings) -> list[int]:

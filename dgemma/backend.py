@@ -37,6 +37,8 @@ class ArrayOps(Protocol):
     def stack_rows(self, rows: list) -> Any: ...            # [B] list of [C] arrays -> [B, C]
     def sample_categorical(self, probs, uniforms) -> Any:   # inverse-CDF draw, one per row of probs
         ...
+    # Optional: take_rows(x, rows) -> x[rows] along the first axis (rows: host int array). With it and
+    # Backend.select_rows the scheduler drops stopped rows from the batch.
 
 
 class RowNoise(Protocol):
@@ -73,6 +75,8 @@ class Backend(ABC):
         """The backend's own device RNG for one request."""
 
     def select_rows(self, state, rows) -> Any:  # pragma: no cover - optional
+        """A copy of `state` holding only batch rows `rows` (host int array), for the denoising passes of the rows
+        still running; the scheduler keeps committing to the full state."""
         raise NotImplementedError
 
     def describe(self) -> str:

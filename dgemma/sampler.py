@@ -106,6 +106,10 @@ class StableAndConfident:
         self.history = (self.history + [argmax])[-self.window:]
         return done
 
+    def take_rows(self, take) -> None:
+        """Keep the history of some rows only (`take` maps an array to its kept rows): the batch was compacted."""
+        self.history = [take(h) for h in self.history]
+
 
 class ScriptedNoise:
     """Deterministic noise keyed by (seed, row, block, step): independent of batch composition and of the order in

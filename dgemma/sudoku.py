@@ -26,6 +26,8 @@ depend on k.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import multiprocessing
 import os
 import random
@@ -531,15 +533,44 @@ def _validity_preserving_permutation(rng: np.random.Generator) -> np.ndarray:
     return grid.reshape(81)
 
 
+@dataclass(frozen=True)
+class Symmetry:
+    """A Sudoku symmetry: a validity-preserving permutation of the cells (new[i] = old[cells[i]]) and a relabelling
+    of the digits (digit d becomes relabel[d]; relabel[0] is '.'). It maps a puzzle with a unique solution to one
+    with the same number of givens and the mapped solution."""
+
+    cells: tuple[int, ...]
+    relabel: str
+
+    def apply(self, board: str) -> str:
+        b = [self.relabel[0 if c == BLANK else int(c)] for c in parse(board)]
+        return "".join(b[j] for j in self.cells)
+
+    def undo(self, board: str) -> str:
+        """The inverse map: `undo(apply(b)) == b`. Characters that are not digits come back as '.'."""
+        unlabel = {self.relabel[d]: str(d) for d in range(1, 10)}
+        out = [BLANK] * 81
+        for i, j in enumerate(self.cells):
+            out[j] = unlabel.get(board[i], BLANK)
+        return "".join(out)
+
+
+IDENTITY = Symmetry(tuple(range(81)), BLANK + _DIGITS)
+
+
+def random_symmetry(rng: np.random.Generator) -> Symmetry:
+    """A uniformly drawn symmetry from the group `augment` samples (cells first, then digits, as augment draws)."""
+    perm = _validity_preserving_permutation(rng)
+    relabel = BLANK + "".join(str(d) for d in rng.permutation(9) + 1)
+    return Symmetry(tuple(int(j) for j in perm), relabel)
+
+
 def augment(puzzles: Sequence[str], solutions: Sequence[str], rng: np.random.Generator) -> list[tuple[str, str]]:
     """Equivalent (puzzle, solution) pairs under a random symmetry each: a relabelling of the digits and a
     validity-preserving permutation of the cells. A unique puzzle stays unique and keeps its number of givens, so a
     pool of a few thousand puzzles gives practically unlimited distinct training examples (9! x 3!^8 x 2 each)."""
     out = []
     for puzzle, solution in zip(puzzles, solutions):
-        perm = _validity_preserving_permutation(rng)
-        relabel = "." + "".join(str(d) for d in rng.permutation(9) + 1)   # '.' stays '.'; digit d -> relabel[d]
-        p = [relabel[0 if c == "." else int(c)] for c in parse(puzzle)]
-        s = [relabel[int(c)] for c in parse(solution)]
-        out.append(("".join(p[j] for j in perm), "".join(s[j] for j in perm)))
+        sym = random_symmetry(rng)
+        out.append((sym.apply(puzzle), sym.apply(solution)))
     return out

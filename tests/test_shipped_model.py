@@ -58,6 +58,18 @@ def test_solves_held_out_puzzles(models, backend):
         assert r.steps >= 1
 
 
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_parallel_attempts_solve_what_one_attempt_does_not(models, backend):
+    """Held-out medium puzzles: with 8 symmetric views side by side the shipped model solves all of these, in fewer
+    passes than one attempt takes on those it fails (they run to the step limit)."""
+    puzzles = [p for p, _ in held_out_puzzles("medium", 6)]
+    one = solve_puzzles(models[backend], puzzles, seed=0, max_retries=0)
+    eight = solve_puzzles(models[backend], puzzles, seed=0, max_retries=0, attempts=8)
+    assert all(r.solved and r.attempts == 8 for r in eight), [r.steps for r in eight]
+    assert not all(r.solved for r in one), "one attempt solves them all: the test would prove nothing"
+    assert sum(r.steps for r in eight) < sum(r.steps for r in one)
+
+
 def test_a_text_prompt_to_the_built_in_model_is_one_line():
     r = CliRunner().invoke(main, ["generate", "--prompt", "Why is the sky blue?"], catch_exceptions=False)
     assert r.exit_code == 2, r.output

@@ -336,3 +336,21 @@ def test_held_out_sets_by_difficulty_or_givens() -> None:
             puzzle_band(bad)
     with pytest.raises(ValueError, match="uses for training"):
         held_out_puzzles("easy", 1, seed=0)
+
+
+def test_symmetries_map_puzzles_to_equivalent_puzzles_and_back():
+    from dgemma.sudoku_task import puzzle_views
+
+    pairs = sudoku.generate_dataset(6, "hard", seed=17)
+    rng = np.random.default_rng(5)
+    for puzzle, solution in pairs:
+        sym = sudoku.random_symmetry(rng)
+        p, s = sym.apply(puzzle), sym.apply(solution)
+        assert p != puzzle and p.count(".") == puzzle.count(".")
+        assert sudoku.is_valid_solution(p, s) and sudoku.solve(p) == s  # still unique, with the mapped solution
+        assert sym.undo(p) == puzzle and sym.undo(s) == solution
+        assert sym.undo(s[:40] + "x" * 41).count(".") == 41  # cells that hold no digit come back blank
+        assert sudoku.IDENTITY.apply(puzzle) == puzzle
+    views = puzzle_views(pairs[0][0], 5, seed=3)
+    assert len(views) == 5 and views[0] == sudoku.IDENTITY and len(set(views)) == 5
+    assert views == puzzle_views(pairs[0][0], 5, seed=3) and views != puzzle_views(pairs[0][0], 5, seed=4)

@@ -92,3 +92,15 @@ def test_solve_bad_input_is_one_line(sudoku_ckpt):
 
 def test_solve_refuses_a_text_model(random_default):
     one_line_error(run_cli("sudoku", "solve", "--model", str(random_default), PUZZLES[0]), "not a Sudoku model")
+
+
+def test_solve_with_attempts_reports_them_and_needs_constraints(sudoku_ckpt):
+    r = run_cli("sudoku", "solve", "--model", str(sudoku_ckpt), *PUZZLES[:2], "--attempts", "3", "--json",
+                "--no-stats", "--retries", "0")
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [row["attempts"] for row in rows] == [3, 3] and all(1 <= row["steps"] <= 4 for row in rows)
+    plain = run_cli("sudoku", "solve", "--model", str(sudoku_ckpt), PUZZLES[0], "--json", "--no-constraints")
+    assert json.loads(plain.stdout.splitlines()[0])["attempts"] == 1
+    one_line_error(run_cli("sudoku", "solve", "--model", str(sudoku_ckpt), PUZZLES[0], "--attempts", "2",
+                           "--no-constraints"), "--attempts", "--constraints")

@@ -83,6 +83,32 @@ def test_checker_flags_rule_breaks_overwritten_givens_and_format(pairs):
     assert not make_checker([puzzle], strict_format=False)(0, bad).any()
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_batched_checker_is_the_rules_of_dgemma_sudoku(pairs, strict):
+    """The numpy checker (`many`, and the per-row call built on it) against `dgemma.sudoku.violations` plus the format
+    rules, on corrupted solutions of several puzzles and canvases of several widths."""
+    puzzles = [p for p, _ in pairs[:6]]
+    check = make_checker(puzzles, strict_format=strict)
+    rng = np.random.default_rng(0)
+    rows, canvases, expected = [], [], []
+    for trial in range(200):
+        r = int(rng.integers(len(puzzles)))
+        toks = np.array(encode_target(pairs[r][1], 90))
+        k = int(rng.integers(0, 30))
+        toks[rng.integers(0, 90, size=k)] = rng.integers(0, 20, size=k)
+        for width in (81, 82, 90):
+            flags = np.zeros(width, dtype=bool)
+            flags[sorted(violations(decode_solution(toks[:width]), puzzles[r]))] = True
+            if strict:
+                flags[:81] |= ~np.isin(toks[:81], DIGIT_IDS)
+                if width > 81:
+                    flags[81] |= toks[81] != EOS
+            assert (check(r, toks[:width]) == flags).all(), (trial, width)
+        rows.append(r), canvases.append(toks[:90]), expected.append(flags)
+    assert (check.many(np.array(rows), np.stack(canvases)) == np.stack(expected)).all()
+    assert np.stack(expected).any(axis=1).mean() > 0.5  # most canvases break something: the test has teeth
+
+
 # -- the training forward is the inference forward ------------------------------------------------------------------
 
 def test_training_forward_matches_inference(config, pairs):

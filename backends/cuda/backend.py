@@ -79,6 +79,9 @@ class TorchOps:
     def logical_and(self, a, b):
         return a & b
 
+    def take_rows(self, x, rows):
+        return x.index_select(0, torch.as_tensor(np.asarray(rows), dtype=torch.long, device=x.device))
+
     def full(self, shape, value, like):
         return torch.full(shape, value, device=like.device)
 
@@ -229,6 +232,12 @@ class TorchBackend(Backend):
         new = self.model.encode(canvas, torch.ones_like(canvas, dtype=torch.bool), state)
         state.keys, state.values, state.valid, state.length = new.keys, new.values, new.valid, new.length
         state.has_padding = new.has_padding
+
+    def select_rows(self, state: KVState, rows) -> KVState:
+        """A copy of the cache holding only batch rows `rows` (the scheduler drops rows that stopped)."""
+        idx = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.device)
+        return KVState([k.index_select(0, idx) for k in state.keys], [v.index_select(0, idx) for v in state.values],
+                       state.valid.index_select(0, idx), state.length, state.has_padding)
 
     def row_noise(self, seed: int) -> TorchRowNoise:
         return TorchRowNoise(seed, self.device)

@@ -128,6 +128,9 @@ class MLXOps:
     def stack_rows(self, rows):
         return mx.stack(rows)
 
+    def take_rows(self, x, rows):
+        return x[mx.array(np.asarray(rows, dtype=np.int32))]
+
     def sample_categorical(self, probs, uniforms):
         return _sample_categorical(probs, uniforms)
 
@@ -292,6 +295,13 @@ class MLXBackend(Backend):
         new = self.model.encode(canvas, np.ones(canvas.shape, dtype=bool), state)
         state.keys, state.values, state.valid, state.length = new.keys, new.values, new.valid, new.length
         state.has_padding = new.has_padding
+
+    def select_rows(self, state: KVState, rows) -> KVState:
+        """A copy of the cache holding only batch rows `rows` (the scheduler drops rows that stopped)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        idx = mx.array(rows.astype(np.int32))
+        return KVState([k[idx] for k in state.keys], [v[idx] for v in state.values], state.valid[rows], state.length,
+                       state.has_padding)
 
     def row_noise(self, seed: int) -> MLXRowNoise:
         return MLXRowNoise(seed)

@@ -7,7 +7,7 @@
 
 Puzzles: `--n` per difficulty (default: 50 givens, easy, medium) from `dgemma.sudoku_task.held_out_puzzles` at a
 held-out seed (HELD_OUT_SEED + 0/1/2 for easy/medium/hard, + 100 + G for G givens), disjoint from the seeds
-examples/sudoku/train.py draws its pools (0..10) and held-out evaluation sets (1_000_003..1_000_013) from; a --seed
+examples/sudoku/train.py draws its pools (0..13) and held-out evaluation sets (1_000_003..1_000_016) from; a --seed
 that would collide is refused.
 
 Base: by default a freshly initialised model of the tuned model's own config.json (`new_model(config, --base-seed)`,
