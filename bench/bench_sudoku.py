@@ -19,7 +19,8 @@ Modes (the sampler settings are the checkpoint's generation_config in all of the
             times (max_retries=K);
   attempts  renoise on --attempts symmetric views of each puzzle side by side in one batch (`puzzle_views`: the
             puzzle itself and relabelled, permuted copies, each with its own noise); the first view that solves it
-            ends the group, its steps are the puzzle's.
+            ends the group, its steps are the puzzle's;
+  attempts-plain  the same views with the plain sampler: the checker only judges finished boards (renoise=False).
 
 Per (backend, difficulty, mode): solved % (complete, rule-abiding, givens kept: `is_valid_solution`), mean and max
 denoising passes per puzzle (retry passes included; for attempts, the group's passes), tokens per forward (generated
@@ -50,7 +51,7 @@ from dgemma.sudoku_task import HELD_OUT_SEED, VOCAB_SIZE, encode_prompt, solve_p
 
 GOAL_SOLVED = {"medium": 0.95, "hard": 0.80}
 GOAL_MEAN_STEPS = 12.0
-MODES = ("plain", "renoise", "retries", "attempts")
+MODES = ("plain", "renoise", "retries", "attempts", "attempts-plain")
 
 
 def fail(message: str) -> NoReturn:
@@ -72,7 +73,7 @@ def mode_settings(mode: str, retries: int, attempts: int) -> dict:
     if mode == "plain":
         return {"constraints": False, "max_retries": 0, "attempts": 1}
     return {"constraints": True, "max_retries": retries if mode == "retries" else 0,
-            "attempts": attempts if mode == "attempts" else 1}
+            "attempts": attempts if mode.startswith("attempts") else 1, "renoise": mode != "attempts-plain"}
 
 
 def run_cell(model, puzzles: list[str], sample_seed: int, mode: str, retries: int, attempts: int, batch: int,
@@ -148,7 +149,8 @@ def main() -> int:
     data = {d: held_out_puzzles(d, args.n, args.seed) for d in difficulties}
     print(f"model {model_path}; {args.n} held-out puzzles per difficulty (seed {args.seed}, generated in "
           f"{time.perf_counter() - t0:.1f}s); modes: plain = no checker, renoise = checker + max_retries 0, "
-          f"retries = checker + max_retries {args.retries}, attempts = checker + {args.attempts} symmetric views")
+          f"retries = checker + max_retries {args.retries}, attempts = renoise on {args.attempts} symmetric views, "
+          "attempts-plain = the views without re-noising")
     print(f"goals: solved >= {100 * GOAL_SOLVED['medium']:.0f}% medium, >= {100 * GOAL_SOLVED['hard']:.0f}% hard; "
           f"mean denoising steps <= {GOAL_MEAN_STEPS:g}")
 

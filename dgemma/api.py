@@ -129,8 +129,8 @@ class Model:
 
     # -- generation -------------------------------------------------------------------------------------------------
     def generate(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
-                 checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False, on_step=None,
-                 **sampler: Any) -> Generation:
+                 checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False,
+                 renoise: bool = True, on_step=None, **sampler: Any) -> Generation:
         """Generate for one prompt (text, chat messages or token ids). Sampler overrides: max_new_tokens,
         max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold,
         eos_token_ids, pad_token_id. `checker(row, canvas_tokens) -> bool mask` turns on constraint-aware sampling
@@ -138,16 +138,17 @@ class Model:
         times); `on_step(block, step, argmax, accepted)` sees every denoising pass (device arrays).
         `attempts=K` denoises K canvases of the prompt side by side, each with its own noise, in one batch; the
         first that passes the checker is kept (else the one the checker flags least). `stop_when_valid` ends a canvas
-        as soon as it passes the checker (for a checker that verifies a whole answer)."""
+        as soon as it passes the checker (for a checker that verifies a whole answer). `renoise=False` keeps the
+        checker off the canvas while it is denoised (it then only judges finished canvases)."""
         return self.generate_batch([prompt], seeds=None if seed is None else [seed], chat=chat,
                                    noises=None if noise is None else [noise], checker=checker,
                                    max_retries=max_retries, attempts=attempts, stop_when_valid=stop_when_valid,
-                                   on_step=on_step, **sampler)[0]
+                                   renoise=renoise, on_step=on_step, **sampler)[0]
 
     def generate_batch(self, prompts: Sequence[Prompt], *, seeds: Sequence[int] | None = None,
                        chat: bool | None = None, noises=None, checker=None, max_retries: int = 0, attempts: int = 1,
-                       stop_when_valid: bool = False, groups: Sequence[int] | None = None, on_step=None,
-                       **sampler: Any) -> list[Generation]:
+                       stop_when_valid: bool = False, renoise: bool = True, groups: Sequence[int] | None = None,
+                       on_step=None, **sampler: Any) -> list[Generation]:
         """Generate for several prompts in one batch (left-padded); each row has its own seed. `checker`,
         `max_retries`, `attempts` and `stop_when_valid` as in `generate` (the checker's row is the prompt's index).
         `groups` (one id per prompt, instead of `attempts`) makes prompts with the same id parallel attempts at one
@@ -160,7 +161,7 @@ class Model:
             run["groups"] = list(groups)
         for _ in run_blocks(self.backend, run["ids"], settings, run["noises"], run=run["batch"],
                             checker=_per_prompt(checker, attempts), max_retries=max_retries, groups=run["groups"],
-                            stop_when_valid=stop_when_valid, on_step=on_step):
+                            stop_when_valid=stop_when_valid, renoise=renoise, on_step=on_step):
             pass
         out = self._results(run["batch"], settings, run["ids"], time.perf_counter() - started, attempts)[::attempts]
         if groups is not None:
@@ -170,8 +171,8 @@ class Model:
         return out
 
     def stream(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
-               checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False, on_step=None,
-               **sampler: Any) -> Iterator[CanvasChunk]:
+               checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False,
+               renoise: bool = True, on_step=None, **sampler: Any) -> Iterator[CanvasChunk]:
         """Yield each committed canvas of one prompt's generation as it is finished."""
         run, settings, ids, _ = self._start([prompt], None if seed is None else [seed], chat,
                                             None if noise is None else [noise], sampler, attempts)
@@ -179,7 +180,7 @@ class Model:
         text_so_far = ""
         for ev in run_blocks(self.backend, run["ids"], settings, run["noises"], run=run["batch"],
                              checker=_per_prompt(checker, attempts), max_retries=max_retries, groups=run["groups"],
-                             stop_when_valid=stop_when_valid, on_step=on_step):
+                             stop_when_valid=stop_when_valid, renoise=renoise, on_step=on_step):
             toks = _visible(ev.tokens[0].tolist(), settings)[: max(0, settings.max_new_tokens - produced)]
             produced += len(toks)
             chunk_text = ""

@@ -93,7 +93,7 @@ def run_blocks(backend: Backend, prompts: Sequence[Sequence[int]], settings: Sam
                on_step: Callable[[int, int, object, object], None] | None = None,
                run: BatchRun | None = None, checker: ConstraintChecker | None = None,
                max_retries: int = 0, groups: Sequence[int] | None = None,
-               stop_when_valid: bool = False) -> Iterator[CanvasEvent]:
+               stop_when_valid: bool = False, renoise: bool = True) -> Iterator[CanvasEvent]:
     """Generate canvases for a batch of token-id prompts, yielding each finished canvas.
 
     on_step(block, step, argmax_canvas, accepted_mask) is called after every denoising pass with device arrays
@@ -103,6 +103,9 @@ def run_blocks(backend: Backend, prompts: Sequence[Sequence[int]], settings: Sam
     low-confidence ones (this costs one small host copy of the [B, C] token canvas per step), and a finished canvas
     that still breaks one is denoised again from itself with its offending positions re-noised, up to `max_retries`
     times per canvas.
+
+    With `renoise=False` the checker does not touch the canvas during denoising; it only judges finished canvases
+    (retries, attempts, stop_when_valid).
 
     `stop_when_valid` says the checker is a complete verifier (a canvas with no flagged position is a right answer,
     as for Sudoku's strict checker): a row then stops as soon as its argmax canvas passes, without waiting for the
@@ -190,20 +193,20 @@ def run_blocks(backend: Backend, prompts: Sequence[Sequence[int]], settings: Sam
             steps[rows] += live
             logits = backend.denoise(sub_state, canvas, self_conditioning_probs=probs)
             uniforms = draw(lambda nz: nz.uniforms(block, base + it, C), zeros=zeros_f)
-            renoise = draw(lambda nz: nz.tokens(block, base + it, C, V), zeros=zeros_i)
+            fresh = draw(lambda nz: nz.tokens(block, base + it, C, V), zeros=zeros_i)
             res = denoise_step(ops, logits, canvas, steps_remaining=N - it + 1, max_steps=N,
                                t_min=settings.t_min, t_max=settings.t_max, entropy_bound=settings.entropy_bound,
-                               uniforms=uniforms, renoise_tokens=renoise, owns_logits=True)
+                               uniforms=uniforms, renoise_tokens=fresh, owns_logits=True)
             if not live.all():  # rows that already stopped keep the canvas they stopped on
                 argmax = ops.where(ops.from_numpy(~live[:, None]), argmax, res.argmax)
             else:
                 argmax = res.argmax
             canvas, probs = res.canvas, res.probs
-            if checker is not None:
+            if checker is not None and renoise:
                 bad = violations(np.asarray(ops.to_numpy(canvas)), np.flatnonzero(live), rows)
                 bad &= np.asarray(ops.to_numpy(res.accepted))
                 if bad.any():
-                    canvas = ops.where(ops.from_numpy(bad), renoise, canvas)
+                    canvas = ops.where(ops.from_numpy(bad), fresh, canvas)
             stop = ops.to_numpy(stopper(argmax, res.mean_entropy)).astype(bool) & live
             if on_step is not None:
                 on_step(block, it, argmax, res.accepted)

@@ -265,13 +265,15 @@ def puzzle_views(board: str, attempts: int, seed: int) -> list[Symmetry]:
 
 
 def solve_puzzles(model, puzzles: Sequence[str], *, seed: int = 0, constraints: bool = True, max_retries: int = 2,
-                  attempts: int = 1, batch_size: int = 64, on_step=None, **sampler) -> list[SudokuResult]:
+                  attempts: int = 1, renoise: bool = True, batch_size: int = 64, on_step=None,
+                  **sampler) -> list[SudokuResult]:
     """Solve puzzles with a Sudoku model (`is_sudoku_model`); puzzle i uses seed + i.
     `constraints` turns on constraint-aware sampling (`make_checker`: digits that repeat in a row, column or box, or
     overwrite a given, are re-noised; a board stops as soon as it is a solution) and up to `max_retries`
     re-denoising rounds for a canvas that still breaks a rule. `attempts=K` (with constraints) denoises K symmetric
     views of each puzzle side by side (`puzzle_views`) and keeps the first that solves it, else the one with the
-    fewest broken cells; its steps are the group's. A batch holds up to `batch_size` canvases (batch_size //
+    fewest broken cells; its steps are the group's. `renoise=False` (with constraints) keeps the checker to judging
+    finished boards: no re-noising while denoising. A batch holds up to `batch_size` canvases (batch_size //
     attempts puzzles). Puzzles are checked first (`check_puzzle`)."""
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
@@ -289,7 +291,7 @@ def solve_puzzles(model, puzzles: Sequence[str], *, seed: int = 0, constraints: 
         if attempts > 1:
             extra["groups"] = [i for i in range(len(chunk)) for _ in range(attempts)]
         if constraints:
-            extra.update(checker=make_checker(shown), max_retries=max_retries, stop_when_valid=True)
+            extra.update(checker=make_checker(shown), max_retries=max_retries, stop_when_valid=True, renoise=renoise)
         gens = model.generate_batch([encode_prompt(b) for b in shown],
                                     seeds=[attempt_seed(seed + start + i, a) for i in range(len(chunk))
                                            for a in range(attempts)],

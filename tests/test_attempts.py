@@ -148,3 +148,14 @@ def test_rows_that_stop_leave_the_batch_without_changing_any_row(tiny_ckpt, back
     assert [g.raw_token_ids for g in compacted] == [g.raw_token_ids for g in whole]
     assert [g.stats.decoder_passes for g in compacted] == [g.stats.decoder_passes for g in whole]
     assert len({g.stats.decoder_passes for g in whole}) > 1
+
+
+def test_renoise_off_leaves_the_canvas_to_the_sampler(model):
+    """renoise=False: a checker that flags everything changes nothing while denoising (it only judges the finished
+    canvas), where renoise=True re-noises every accepted token."""
+    plain = model.generate_batch([PROMPT, PROMPT[5:]], seeds=[3, 4], **KW)
+    judged = model.generate_batch([PROMPT, PROMPT[5:]], seeds=[3, 4], checker=FAIL, renoise=False, **KW)
+    renoised = model.generate_batch([PROMPT, PROMPT[5:]], seeds=[3, 4], checker=FAIL, **KW)
+    assert [g.raw_token_ids for g in judged] == [g.raw_token_ids for g in plain]
+    assert [g.stats.decoder_passes for g in judged] == [g.stats.decoder_passes for g in plain]
+    assert [g.raw_token_ids for g in renoised] != [g.raw_token_ids for g in plain]
