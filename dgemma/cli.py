@@ -274,8 +274,10 @@ def _print_sudoku(results, model, *, as_json: bool, grid: bool, stats: bool) -> 
         steps = sum(r.steps for r in results) / len(results)
         tpf = sum(r.tokens_per_forward for r in results) / len(results)
         secs = sum(r.seconds for r in results)
-        click.echo(f"[solved {solved}/{len(results)}, mean {steps:.1f} denoising steps, tokens/forward {tpf:.2f}, "
-                   f"{secs:.2f}s, {model.backend.describe()}]", err=True)
+        views = max(r.attempts for r in results)
+        width = f", {views} views per puzzle side by side" if views > 1 else ""
+        click.echo(f"[solved {solved}/{len(results)}, mean {steps:.1f} denoising steps{width}, tokens/forward "
+                   f"{tpf:.2f}, {secs:.2f}s, {model.backend.describe()}]", err=True)
 
 
 @main.command()
