@@ -257,10 +257,11 @@ def check_puzzle(puzzle: str, name: str = "puzzle") -> str:
     return board
 
 
-def puzzle_views(board: str, attempts: int, seed: int) -> list[Symmetry]:
-    """The symmetries under which `solve_puzzles` attempts a puzzle: the identity, then attempts - 1 random ones drawn
-    from `seed` (a different view gives the model a different-looking board, so its attempts fail less alike than
-    the same board with other noise: on medium puzzles, 8 views solve more than 8 noise draws)."""
+def puzzle_views(attempts: int, seed: int) -> list[Symmetry]:
+    """The symmetries under which `solve_puzzles` attempts a puzzle sampled with `seed`: the identity, then
+    attempts - 1 random ones drawn from that seed. A different view gives the model a different-looking board, so
+    its attempts fail less alike than the same board with other noise (on medium puzzles, 8 views solve more than 8
+    noise draws: examples/sudoku/RUNS.md)."""
     return [IDENTITY] + [random_symmetry(np.random.default_rng([int(seed), a])) for a in range(1, attempts)]
 
 
@@ -285,7 +286,7 @@ def solve_puzzles(model, puzzles: Sequence[str], *, seed: int = 0, constraints: 
     for start in range(0, len(boards), per_batch):
         chunk = boards[start:start + per_batch]
         t0 = time.perf_counter()
-        views = [puzzle_views(b, attempts, seed + start + i) for i, b in enumerate(chunk)]
+        views = [puzzle_views(attempts, seed + start + i) for i in range(len(chunk))]
         shown = [v.apply(b) for b, vs in zip(chunk, views) for v in vs]
         extra = {}
         if attempts > 1:
