@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,7 +166,7 @@ class Model:
             pass
         out = self._results(run["batch"], settings, run["ids"], time.perf_counter() - started, attempts)[::attempts]
         if groups is not None:
-            sizes = {g: list(groups).count(g) for g in set(groups)}
+            sizes = Counter(groups)
             for g, gen in zip(groups, out):
                 gen.stats.attempts = sizes[g]
         return out
@@ -174,7 +175,7 @@ class Model:
                checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False,
                renoise: bool = True, on_step=None, **sampler: Any) -> Iterator[CanvasChunk]:
         """Yield each committed canvas of one prompt's generation as it is finished."""
-        run, settings, ids, _ = self._start([prompt], None if seed is None else [seed], chat,
+        run, settings, _, _ = self._start([prompt], None if seed is None else [seed], chat,
                                             None if noise is None else [noise], sampler, attempts)
         produced = 0
         text_so_far = ""
