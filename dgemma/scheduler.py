@@ -153,18 +153,19 @@ def run_blocks(backend: Backend, prompts: Sequence[Sequence[int]], settings: Sam
         row_ids[which] (row_ids: which batch row each line of `tokens` is; default the identity)."""
         out = np.zeros(tokens.shape, dtype=bool)
         which = np.asarray(which, dtype=np.int64)
-        ids = which if row_ids is None else np.asarray(row_ids)[which]
+        batch_rows = which if row_ids is None else np.asarray(row_ids)[which]
         many = getattr(checker, "many", None)  # a checker may check many rows in one call
         if many is not None and which.size:
-            out[which] = np.asarray(many(ids, tokens[which]), dtype=bool)
+            out[which] = np.asarray(many(batch_rows, tokens[which]), dtype=bool)
             return out
-        for w, r in zip(which, ids):
+        for w, r in zip(which, batch_rows):
             out[w] = np.asarray(checker(int(r), tokens[w]), dtype=bool)
         return out
 
     # Rows that stop leave the batch (their cache rows are dropped from a copy of the state for this canvas), so a
     # batch whose rows finish at different steps stops paying for them. Not with on_step, whose callers index the
-    # whole batch; each row draws its own noise, so its tokens do not depend on the batch it sits in.
+    # whole batch. Each row draws its own noise, so its tokens depend on the batch it sits in only through the
+    # rounding of batched matmuls, as for any batch.
     compact = (on_step is None and hasattr(ops, "take_rows")
                and type(backend).select_rows is not Backend.select_rows)
 
