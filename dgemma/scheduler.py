@@ -211,13 +211,15 @@ def run_blocks(backend: Backend, prompts: Sequence[Sequence[int]], settings: Sam
             stop = ops.to_numpy(stopper(argmax, res.mean_entropy)).astype(bool) & live
             if on_step is not None:
                 on_step(block, it, argmax, res.accepted)
+            host_argmax = None  # this pass's argmax canvas on the host, copied at most once
             if checker is not None and (stop_when_valid or groups is not None):
                 # Which rows' argmax canvas passes the checker: all live rows when a pass ends a row, else only the
                 # rows that stop now (a group needs to know whether its stopping attempt is right).
                 which = np.flatnonzero(live if stop_when_valid else stop)
                 if which.size:
+                    host_argmax = np.asarray(ops.to_numpy(argmax))
                     ok = np.zeros(len(rows), dtype=bool)
-                    ok[which] = ~violations(np.asarray(ops.to_numpy(argmax)), which, rows)[which].any(axis=1)
+                    ok[which] = ~violations(host_argmax, which, rows)[which].any(axis=1)
                     if stop_when_valid:
                         stop |= ok
                     passed[rows[ok & stop]] = True
@@ -225,7 +227,9 @@ def run_blocks(backend: Backend, prompts: Sequence[Sequence[int]], settings: Sam
                 stop |= np.isin(group_of[rows], group_of[passed]) & live
             done[rows[stop]] = True
             if final is not None and stop.any():
-                final[rows[stop]] = np.asarray(ops.to_numpy(argmax))[stop]
+                if host_argmax is None:
+                    host_argmax = np.asarray(ops.to_numpy(argmax))
+                final[rows[stop]] = host_argmax[stop]
             if done[rows].all():
                 break
             gone = done[rows]
