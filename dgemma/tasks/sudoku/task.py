@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .scheduler import attempt_seed
-from .sudoku import IDENTITY, Symmetry, generate_dataset, is_valid_solution, parse, random_symmetry, violations
+from ...scheduler import attempt_seed
+from .puzzles import IDENTITY, Symmetry, generate_dataset, is_valid_solution, parse, random_symmetry, violations
 
 PAD, EOS, BOS, UNK, SEP = 0, 1, 2, 3, 4
 BLANK_ID = 5
@@ -313,7 +313,7 @@ def solve_rate(folder, pairs: Sequence[tuple[str, str]], *, backend: str = "cuda
                max_retries: int = 2, seed: int = 0, **sampler) -> dict:
     """Solve rate and mean denoising steps of a Sudoku checkpoint folder on (puzzle, solution) pairs, with
     constraint-aware sampling (the training script's periodic evaluation)."""
-    from .api import load
+    from ...api import load
 
     results = solve_puzzles(load(folder, backend=backend, device=device), [p for p, _ in pairs], seed=seed,
                             max_retries=max_retries, **sampler)

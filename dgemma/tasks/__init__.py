@@ -1,0 +1,1 @@
+"""Tasks a checkpoint can declare."""

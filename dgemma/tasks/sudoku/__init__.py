@@ -1,0 +1,1 @@
+"""Sudoku as a dgemma task."""
