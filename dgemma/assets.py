@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PACKAGED_MODEL = Path(__file__).parent / "assets" / "model"
+PACKAGED_MODEL = Path(__file__).parent / "assets" / "sudoku"
 RANDOM_MODEL_NAME = "random-tiny-v1"
 
 
