@@ -110,7 +110,8 @@ def make_target(to: str, bits=None, group_size=None, mixed=False, quant=None, dt
             if bits not in MLX_BITS:
                 raise InputError(f"--bits {bits!r} is not supported; choose 4 or 8")
         if mixed and bits not in (None, 4):
-            raise InputError("--mixed means 4-bit experts and 8-bit elsewhere: leave out --bits (or pass --bits 4)")
+            raise InputError("--mixed means mlx-vlm's 4-bit layout (8-bit attention, dense MLP, router and "
+                             "embedding): leave out --bits (or pass --bits 4)")
         quantized = bool(bits or mixed)
         g = 64 if group_size is None else group_size
         if quantized and g not in GROUP_SIZES:
@@ -359,7 +360,8 @@ def convert(src, dst=None, to: str = "hf", bits: int | None = None, group_size: 
 
     - "hf": plain float Hugging Face checkpoint with the original tensor names (dequantizes quantized sources);
     - "mlx": MLX layout (mlx-vlm names); `bits` 4|8 = affine quantization of every decoder linear and the experts
-      (group_size 32|64|128, default 64); `mixed` = 4-bit experts, 8-bit attention/dense MLPs/router/embedding;
+      (group_size 32|64|128, default 64); `mixed` = mlx-vlm's own 4-bit conversion: 8-bit (groups of 64)
+      attention/dense MLPs/router/embedding, 4-bit experts and self-conditioning MLP in groups of group_size;
     - "cuda": `quant` "fp8" (e4m3, per-output-channel scales; embedding and router stay float) or "int4" (experts
       int4 in groups of group_size, default 128; the rest float, or FP8 with rest="fp8"); no quant = float copy.
 

@@ -78,7 +78,7 @@ class Target:
     to: str                       # hf | mlx | cuda
     bits: int | None = None       # mlx: 4 | 8 (default for quantized modules); None = plain float
     group_size: int = 64
-    mixed: bool = False           # mlx: 4-bit experts, 8-bit attention / dense MLPs / router / embedding
+    mixed: bool = False           # mlx: mlx-vlm's 4-bit layout (8-bit attention / dense MLPs / router / embedding)
     quant: str | None = None      # cuda: fp8 | int4
     rest: str | None = None       # cuda int4: None (float) | fp8 (the non-expert linears)
     dtype: str | None = None      # float dtype of unquantized tensors, scales and biases; None = the source's
@@ -141,12 +141,21 @@ class Plan:
         return sum(a.nbytes for a in self.actions)
 
 
-def _mlx_bits(target: Target, r: str) -> int | None:
+# --mixed is mlx-vlm's own 4-bit conversion of this model (`mlx_vlm.convert(..., quantize=True, q_bits=4)`): its
+# DiffusionGemma quant_predicate keeps the embedding, attention, dense MLP and router at 8 bits in groups of 64
+# whatever the group size asked for, and everything else it can quantize (the experts and the self-conditioning MLP)
+# at the default bits. Matching it bit for bit makes our folders interchangeable with the community's (tested).
+MIXED_HIGH = {"embed", "attn", "mlp", "router"}
+MIXED_HIGH_BITS, MIXED_HIGH_GROUP = 8, 64
+
+
+def _mlx_bits(target: Target, r: str) -> tuple[int | None, int]:
+    """(bits, group size) of one role; bits None = not quantized."""
     if r == "other":
-        return None
-    if target.mixed:
-        return 4 if r == "expert" else 8
-    return target.bits
+        return None, target.group_size
+    if target.mixed and r in MIXED_HIGH:
+        return MIXED_HIGH_BITS, MIXED_HIGH_GROUP
+    return (4 if target.mixed else target.bits), target.group_size
 
 
 def plan_conversion(tensors: list[LogicalInfo], target: Target) -> Plan:
@@ -162,18 +171,18 @@ def plan_conversion(tensors: list[LogicalInfo], target: Target) -> Plan:
         keep_dtype = FLOAT_ST[out_dtype] if is_float else t.dtype
         if target.to == "mlx":
             name = t.name + ".weight" if r == "expert" else t.name
-            bits = _mlx_bits(target, r) if (target.bits or target.mixed) else None
-            if bits and t.shape[-1] % target.group_size == 0 and len(t.shape) >= 2:
+            bits, group = _mlx_bits(target, r) if (target.bits or target.mixed) else (None, target.group_size)
+            if bits and t.shape[-1] % group == 0 and len(t.shape) >= 2:
                 base = module_path(t.name)
                 K = t.shape[-1]
                 lead = tuple(t.shape[:-1])
                 fd = FLOAT_ST[out_dtype]
                 outs = [OutTensor(base + ".weight", "U32", lead + (K * bits // 32,)),
-                        OutTensor(base + ".scales", fd, lead + (K // target.group_size,)),
-                        OutTensor(base + ".biases", fd, lead + (K // target.group_size,))]
-                plan.actions.append(Action(t.name, "mlx", outs, bits, target.group_size, out_dtype))
-                if bits != default_bits:
-                    quant_overrides[base] = {"group_size": target.group_size, "bits": bits}
+                        OutTensor(base + ".scales", fd, lead + (K // group,)),
+                        OutTensor(base + ".biases", fd, lead + (K // group,))]
+                plan.actions.append(Action(t.name, "mlx", outs, bits, group, out_dtype))
+                if bits != default_bits or group != target.group_size:
+                    quant_overrides[base] = {"group_size": group, "bits": bits}
                 continue
             plan.actions.append(Action(t.name, "copy", [OutTensor(name, keep_dtype, t.shape)], out_dtype=out_dtype))
         elif target.to == "cuda" and target.quant:

@@ -296,6 +296,12 @@ def _print_sudoku(results, model, *, as_json: bool, grid: bool, stats: bool) -> 
 def serve(model_path, backend, host, port, max_batch, batching, served_model_name, dtype, device, print_vllm_command,
           max_model_len):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    if print_vllm_command:
+        from .vllm import print_vllm_command as print_command
+
+        print_command(model_path, served_model_name=served_model_name, host=host, port=port,
+                      max_model_len=max_model_len, max_num_seqs=max_batch)
+        return
     from .server import cli_serve
 
     cli_serve(model_path=model_path, backend=backend, host=host, port=port, max_batch=max_batch, batching=batching,
