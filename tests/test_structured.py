@@ -1,0 +1,399 @@
+"""The structured-output protocol (dgemma.structured) on simulated canvases, pure numpy: random and adversarial tokens,
+several canvases per sequence, repair with fallbacks; every finished output is checked with `jsonschema` / `re` /
+list membership, never with the code under test."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import numpy as np
+import pytest
+
+from dgemma.errors import InputError
+from dgemma.random_model import build_tokenizer_json
+from dgemma.structured import StructuredSpec, compile, parse_tool_calls
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]},
+    {"type": "object", "properties": {"age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["age"], "additionalProperties": False},
+    {"type": "object", "properties": {"t": {"type": "number", "minimum": -1.5, "maximum": 2.25}}, "required": ["t"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 6},
+                                               "minItems": 1, "maxItems": 3}},
+     "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "user": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 999},
+                                                  "admin": {"type": "boolean"}},
+                 "required": ["id", "admin"], "additionalProperties": False}},
+     "required": ["user"], "additionalProperties": False},
+    {"type": "array", "items": {"type": "integer", "minimum": 10, "maximum": 20}, "minItems": 2, "maxItems": 4},
+    {"type": "object", "properties": {"ok": {"type": "boolean"}, "note": {"type": ["string", "null"], "maxLength": 8}},
+     "required": ["ok", "note"], "additionalProperties": False},
+    {"type": "object", "properties": {"point": {"type": "array", "items": {"type": "number"}, "minItems": 2,
+                                                "maxItems": 2}},
+     "required": ["point"], "additionalProperties": False},
+    {"type": "object", "properties": {"level": {"type": "integer", "exclusiveMinimum": 0, "exclusiveMaximum": 5},
+                                      "unit": {"const": "m"}},
+     "required": ["level", "unit"], "additionalProperties": False},
+    {"type": "object", "properties": {"a": {"type": "object", "properties": {
+        "b": {"type": "object", "properties": {"c": {"enum": [1, 2, 3]}}, "required": ["c"],
+              "additionalProperties": False}}, "required": ["b"], "additionalProperties": False}},
+     "required": ["a"], "additionalProperties": False},
+    {"type": "object", "properties": {"kind": {"enum": ["cat", "dog"]}, "legs": {"type": "integer", "minimum": 3,
+                                                                                "maximum": 4}},
+     "required": ["kind"], "additionalProperties": False},
+    {"type": "object", "properties": {"items": {"type": "array", "maxItems": 2, "items": {
+        "type": "object", "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
+                                         "qty": {"type": "integer", "minimum": 1, "maximum": 9}},
+        "required": ["sku", "qty"], "additionalProperties": False}}}, "required": ["items"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"x": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
+                                                      {"type": "string", "maxLength": 3}]}},
+     "required": ["x"], "additionalProperties": False},
+    {"type": "object", "properties": {"when": {"type": "string", "format": "date"}}, "required": ["when"],
+     "additionalProperties": False},
+    {"$defs": {"leaf": {"type": "object", "properties": {"v": {"type": "integer", "minimum": 0, "maximum": 3}},
+                        "required": ["v"], "additionalProperties": False}},
+     "type": "object", "properties": {"left": {"$ref": "#/$defs/leaf"}, "right": {"$ref": "#/$defs/leaf"}},
+     "required": ["left", "right"], "additionalProperties": False},
+    {"type": "object", "properties": {"price": {"type": "number", "minimum": 0, "maximum": 100},
+                                      "currency": {"enum": ["EUR", "USD"]}, "in_stock": {"type": "boolean"}},
+     "required": ["price", "currency", "in_stock"], "additionalProperties": False},
+    {"type": "object", "properties": {"matrix": {"type": "array", "maxItems": 2, "items": {
+        "type": "array", "maxItems": 2, "items": {"type": "integer", "minimum": -9, "maximum": 9}}}},
+     "required": ["matrix"], "additionalProperties": False},
+    {"type": "object", "properties": {"id": {"type": "string", "minLength": 2, "maxLength": 4}},
+     "required": ["id"], "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 5}},
+    {"type": "object", "properties": {"status": {"enum": ["ok", "error"]}, "code": {"type": "integer", "minimum": 100,
+                                                                                   "maximum": 599},
+                                      "detail": {"type": "object", "properties": {"msg": {"type": "string",
+                                                                                          "maxLength": 10}},
+                                                 "required": ["msg"], "additionalProperties": False}},
+     "required": ["status", "code", "detail"], "additionalProperties": False},
+    {"type": "object", "minProperties": 1, "maxProperties": 2,
+     "additionalProperties": {"type": "boolean"}},
+    {"type": "integer", "minimum": -50, "maximum": 50},
+]
+REGEXES = [r"[0-9]{3}-[0-9]{4}", r"(yes|no|maybe)", r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)", r"#[0-9a-f]{6}",
+           r"(0|[1-9][0-9]{0,2})(\.[0-9]{1,2})?", r"[A-Z][a-z]{1,8}( [A-Z][a-z]{1,8}){0,2}"]
+CHOICES = [["yes", "no"], ["red", "green", "blue", "green tea"], ["1", "10", "100"], ["Paris", "London", "Berlin"]]
+
+
+def byte_tokenizer():
+    """The random default model's tokenizer: every byte a token, 264 ids in a 320-logit vocab, eos 1."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(build_tokenizer_json()), 320, [1]
+
+
+def trained_bpe_tokenizer(vocab_size: int = 1500):
+    """A byte-level BPE trained on English text (the Python docs' topics that ship with CPython)."""
+    import pydoc_data.topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(list(pydoc_data.topics.topics.values()), trainer)
+    return tok, tok.get_vocab_size() + 7, [tok.token_to_id("<eos>")]
+
+
+@pytest.fixture(scope="module", params=["bytes", "bpe"])
+def tokenizer(request):
+    return byte_tokenizer() if request.param == "bytes" else trained_bpe_tokenizer()
+
+
+class SimulatedDenoiser:
+    """What the engine does with a row, with a random "model": passes accept a growing random subset of positions
+    with random (adversarial: specials, eos, out-of-tokenizer ids) or masked tokens; scan re-noises the first bad
+    position and masks it next pass; a stopped canvas is repaired (top-K candidates, masked-argmax fallbacks) and
+    committed. The model favours closing tokens so that sequences end within a few canvases."""
+
+    def __init__(self, tok, vocab_size: int, eos: list[int], seed: int):
+        self.rng = np.random.default_rng(seed)
+        self.vocab_size, self.eos = vocab_size, eos
+        ids = [tok.token_to_id(t) for t in ['"', "}", "]"]] + eos
+        self.closers = [i for i in ids if i is not None]
+        self.digits = [i for i in (tok.token_to_id(t) for t in "015") if i is not None]
+
+    def masked_choice(self, allowed: np.ndarray) -> int:
+        ids = np.flatnonzero(allowed)
+        assert len(ids), "a grammar allowed no token"
+        for preferred in ([c for c in self.closers if allowed[c]], [d for d in self.digits if allowed[d]]):
+            if preferred and self.rng.random() < 0.8:
+                return int(self.rng.choice(preferred))
+        return int(self.rng.choice(ids))
+
+    def candidates(self, size: int, k: int = 8) -> np.ndarray:
+        """Top-K ids per position: random, or (most often) closing tokens first, then a digit, then random."""
+        top = self.rng.integers(0, self.vocab_size, (size, k))
+        for i in np.flatnonzero(self.rng.random(size) < 0.7):
+            closing = list(self.rng.permutation(self.closers)) + [self.rng.choice(self.digits)]
+            top[i, :len(closing)] = closing[:k]
+        return top
+
+    def canvas(self, row, size: int, passes: int = 6) -> np.ndarray:
+        canvas = self.rng.integers(0, self.vocab_size, size)
+        masked: tuple[int, np.ndarray] | None = None
+        for p in range(passes):
+            accepted = self.rng.random(size) < (p + 1) / passes
+            proposal = self.rng.integers(0, self.vocab_size, size)
+            canvas = np.where(accepted, proposal, canvas)
+            if masked is not None:                        # last pass's first bad position, masked on the device
+                canvas[masked[0]] = self.masked_choice(masked[1])
+                accepted[masked[0]] = True
+            first_bad, allowed = row.scan(canvas, accepted)
+            assert 0 <= first_bad <= size
+            masked = None if allowed is None else (first_bad, allowed)
+            if allowed is not None:
+                assert allowed.shape == (self.vocab_size,) and allowed.dtype == bool
+                assert not allowed[canvas[first_bad]]
+                canvas[first_bad:] = self.rng.integers(0, self.vocab_size, size - first_bad)
+        top = self.candidates(size)
+        while True:
+            tokens, fallback = row.repair(canvas, top)
+            if not fallback:
+                return tokens
+            pos, allowed = fallback[0]
+            assert not any(allowed[c] for c in top[pos])
+            canvas = tokens.copy()
+            canvas[pos] = self.masked_choice(allowed)
+
+    def generate(self, row, tok, size: int, max_canvases: int = 60) -> str:
+        ids: list[int] = []
+        for _ in range(max_canvases):
+            tokens = self.canvas(row, size)
+            done = row.commit(tokens)
+            cut = next((i for i, t in enumerate(tokens) if t in self.eos), size)
+            ids.extend(int(t) for t in tokens[:cut])
+            if done:
+                assert row.accepted()
+                return tok.decode(ids)
+        raise AssertionError(f"no end after {max_canvases} canvases: {tok.decode(ids)!r}")
+
+
+def broken(text: str, spec: StructuredSpec) -> str | None:
+    """Why `text` breaks `spec`, judged by jsonschema / re / the choice list; None when it is valid."""
+    if spec.kind in ("json_schema", "json_object"):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"not JSON ({e})"
+        try:
+            jsonschema.validate(value, spec.schema(), format_checker=jsonschema.FormatChecker())
+        except jsonschema.ValidationError as e:
+            return f"breaks the schema ({e.message})"
+        return None
+    if spec.kind == "regex":
+        return None if re.fullmatch(spec.value, text) else "does not match"
+    if spec.kind == "choices":
+        return None if text in spec.value else "not a choice"
+    raise AssertionError(spec.kind)
+
+
+ALL_SPECS = ([StructuredSpec.json_schema(s) for s in SCHEMAS] + [StructuredSpec.json_object()]
+             + [StructuredSpec.regex(r) for r in REGEXES] + [StructuredSpec.choices(c) for c in CHOICES])
+
+
+def test_every_output_is_valid(tokenizer):
+    tok, vocab_size, eos = tokenizer
+    failures, outputs = [], 0
+    for n, spec in enumerate(ALL_SPECS):
+        grammar = compile(spec, tok, vocab_size, eos)
+        for seed, size in ((n, 8), (n + 100, 16), (n + 200, 32)):
+            text = SimulatedDenoiser(tok, vocab_size, eos, seed).generate(grammar.new_row(), tok, size)
+            outputs += 1
+            why = broken(text, spec)
+            if why:
+                failures.append(f"{spec.kind} {spec.value!r:.60} canvas {size} seed {seed}: {text!r}: {why}")
+    assert len(ALL_SPECS) >= 30 and outputs == 3 * len(ALL_SPECS)
+    assert not failures, "\n".join(failures)
+
+
+def test_the_validity_check_can_fail():
+    """The judge above is independent and strict: it flags outputs that break the schema."""
+    spec = StructuredSpec.json_schema(SCHEMAS[1])
+    assert broken('{"age": 121}', spec) and broken('{"age": 3, "x": 1}', spec) and broken('{"age": 3', spec)
+    assert broken("{}", spec) and broken('{"age": 3}', spec) is None
+    assert broken("12-3456", StructuredSpec.regex(REGEXES[0])) and broken("nope", StructuredSpec.choices(["yes"]))
+
+
+def test_a_canvas_of_256(tokenizer):
+    tok, vocab_size, eos = tokenizer
+    for n, spec in enumerate(ALL_SPECS[:6]):
+        row = compile(spec, tok, vocab_size, eos).new_row()
+        assert broken(SimulatedDenoiser(tok, vocab_size, eos, n).generate(row, tok, 256), spec) is None
+
+
+def test_scan_finds_the_first_bad_position_and_keeps_the_committed_state():
+    tok, vocab_size, eos = byte_tokenizer()
+    row = compile(StructuredSpec.json_schema(SCHEMAS[1]), tok, vocab_size, eos).new_row()
+    ids = np.array(tok.encode('{"age": 42}', add_special_tokens=False).ids + eos * 5)
+    everywhere = np.ones(len(ids), dtype=bool)
+    assert row.scan(ids, everywhere) == (len(ids), None)
+    bad = ids.copy()
+    bad[9] = tok.token_to_id("x")                         # {"age": 4x
+    first_bad, allowed = row.scan(bad, everywhere)
+    assert first_bad == 9 and allowed[tok.token_to_id("2")] and allowed[tok.token_to_id("}")]
+    assert not allowed[tok.token_to_id("x")] and not allowed[eos[0]]
+    unaccepted = everywhere.copy()
+    unaccepted[5] = False                                  # a position still noise ends the walk there
+    assert row.scan(bad, unaccepted) == (len(ids), None)
+    early_eos = ids.copy()
+    early_eos[3] = eos[0]
+    assert row.scan(early_eos, everywhere)[0] == 3        # eos before the object is complete
+    assert row.commit(ids) and row.accepted()              # the scans changed nothing
+
+
+def test_repair_forces_eos_when_the_grammar_can_only_stop():
+    tok, vocab_size, eos = byte_tokenizer()
+    row = compile(StructuredSpec.choices(["yes", "no"]), tok, vocab_size, eos).new_row()
+    ids = np.array(tok.encode("nothing", add_special_tokens=False).ids)
+    tokens, fallback = row.repair(ids, np.zeros((len(ids), 1), dtype=np.int64))
+    assert fallback == [] and tok.decode(tokens[:2].tolist()) == "no" and (tokens[2:] == eos[0]).all()
+    assert row.commit(tokens) and row.accepted()
+
+
+def test_an_accepting_grammar_that_can_continue_lets_the_model_choose():
+    tok, vocab_size, eos = byte_tokenizer()
+    grammar = compile(StructuredSpec.regex(r"[0-9]+"), tok, vocab_size, eos)
+    ids = np.array(tok.encode("12345", add_special_tokens=False).ids + eos)
+    tokens, _ = grammar.new_row().repair(ids, ids[:, None])
+    assert tok.decode(tokens[:5].tolist()) == "12345" and tokens[5] == eos[0]
+    row = grammar.new_row()
+    assert row.commit(ids[:3]) is False and not row.accepted()     # "123" so far: the next canvas may continue
+    assert row.allowed_now()[eos[0]] and row.allowed_now()[tok.token_to_id("7")]
+
+
+def test_commit_refuses_an_unrepaired_canvas():
+    tok, vocab_size, eos = byte_tokenizer()
+    row = compile(StructuredSpec.regex(r"[0-9]+"), tok, vocab_size, eos).new_row()
+    with pytest.raises(ValueError, match="position 1"):
+        row.commit(np.array(tok.encode("1x", add_special_tokens=False).ids))
+    with pytest.raises(ValueError, match="eos at position 0"):
+        row.commit(np.array(eos))
+
+
+@pytest.mark.parametrize("schema, part", [
+    ({"type": "object", "properties": {"a": {"not": {"type": "string"}}}}, "json_schema at /properties/a/not"),
+    ({"type": "object", "properties": {"b": {"type": "strin"}}}, "json_schema at /properties/b/type"),
+    ({"type": "array", "items": {"$ref": "#/$defs/missing"}}, "json_schema"),
+])
+def test_a_schema_the_engine_cannot_compile_names_the_part(schema, part):
+    tok, vocab_size, eos = byte_tokenizer()
+    with pytest.raises(InputError) as e:
+        compile(StructuredSpec.json_schema(schema), tok, vocab_size, eos)
+    assert str(e.value).startswith(part), str(e.value)
+
+
+@pytest.mark.parametrize("spec, part", [
+    (lambda: StructuredSpec.regex("[0-9"), "regex: invalid regex"),
+    (lambda: StructuredSpec.grammar("start: foo"), "grammar:"),
+    (lambda: StructuredSpec.choices([]), "choices:"),
+    (lambda: StructuredSpec.json_schema("{not json"), "json_schema: not valid JSON"),
+    (lambda: StructuredSpec.from_openai({"response_format": {"type": "xml"}}), "response_format.type"),
+    (lambda: StructuredSpec.from_openai({"guided_regex": ""}), "guided_regex:"),
+    (lambda: StructuredSpec.from_openai({"guided_regex": "a", "guided_choice": ["a"]}), "structured output: the body"),
+    (lambda: StructuredSpec.from_openai({"tools": [{"type": "function", "function": {"name": "f"}}],
+                                         "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+     "tool_choice.function.name"),
+    (lambda: StructuredSpec.from_openai({"structured_outputs": {"xml": "x"}}), "structured_outputs: unknown"),
+])
+def test_bad_specs_name_the_part(spec, part):
+    tok, vocab_size, eos = byte_tokenizer()
+    with pytest.raises(InputError) as e:
+        compile(spec(), tok, vocab_size, eos)
+    assert str(e.value).startswith(part), str(e.value)
+
+
+def test_from_openai_reads_every_form():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    read = StructuredSpec.from_openai
+    assert read({}) is None and read({"response_format": {"type": "text"}}) is None
+    assert read({"response_format": {"type": "json_object"}}).kind == "json_object"
+    spec = read({"response_format": {"type": "json_schema",
+                                     "json_schema": {"name": "n", "schema": schema, "strict": True}}})
+    assert (spec.kind, spec.schema(), spec.strict, spec.name) == ("json_schema", schema, True, "n")
+    assert read({"guided_json": schema}).schema() == schema
+    assert read({"guided_json": json.dumps(schema)}).schema() == schema
+    assert read({"guided_regex": "a+"}).value == "a+"
+    assert read({"guided_choice": ["x", "y"]}).value == ("x", "y")
+    assert read({"guided_grammar": 'start: "a"'}).kind == "grammar"
+    assert read({"structured_outputs": {"json": schema}}).schema() == schema
+    assert read({"structured_outputs": {"choice": ["x"]}}).kind == "choices"
+    assert read({"structured_outputs": {"regex": "b"}}).value == "b"
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert read({"tools": tools, "tool_choice": "none"}) is None
+    assert read({"tools": tools}).tool_choice == "auto"
+    assert read({"tools": tools, "tool_choice": "required"}).tool_choice == "required"
+    named = read({"tools": tools, "tool_choice": {"type": "function", "function": {"name": "f"}}})
+    assert named.tool_choice == "f" and [name for name, _ in named.value] == ["f"]
+    assert read({"tools": tools, "response_format": {"type": "json_object"}}).kind == "json_object"
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                         "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                         "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "required": ["a", "b"], "additionalProperties": False}}},
+]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "add"}}])
+def test_tool_calls_are_constrained_and_parsed(tokenizer, choice):
+    tok, vocab_size, eos = tokenizer
+    spec = StructuredSpec.from_openai({"tools": TOOLS, "tool_choice": choice})
+    grammar = compile(spec, tok, vocab_size, eos)
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    names = set()
+    for seed in range(6):
+        text = SimulatedDenoiser(tok, vocab_size, eos, seed).generate(grammar.new_row(), tok, 16)
+        content, calls = parse_tool_calls(text, spec)
+        assert content is None and len(calls) == 1, text
+        function = calls[0]["function"]
+        jsonschema.validate(json.loads(function["arguments"]), params[function["name"]])
+        assert calls[0]["type"] == "function" and calls[0]["id"].startswith("call_")
+        names.add(function["name"])
+    assert names <= ({"add"} if isinstance(choice, dict) else set(params))
+
+
+def test_auto_tool_choice_allows_text_or_a_call():
+    tok, vocab_size, eos = byte_tokenizer()
+    spec = StructuredSpec.from_openai({"tools": TOOLS})
+    row = compile(spec, tok, vocab_size, eos).new_row()
+    text_reply = np.array(tok.encode("Sunny today.", add_special_tokens=False).ids + eos)
+    assert row.scan(text_reply, np.ones(len(text_reply), dtype=bool))[0] == len(text_reply)
+    assert parse_tool_calls("Sunny today.", spec) == ("Sunny today.", [])
+    call = '{"name": "add", "arguments": {"a": 1, "b": 2}}'
+    content, calls = parse_tool_calls(call, spec)
+    assert content is None and json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert parse_tool_calls('{"name": "nope", "arguments": {}}', spec)[1] == []
+
+
+def test_grammars_are_cached_by_spec():
+    tok, vocab_size, eos = byte_tokenizer()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    first = compile(StructuredSpec.json_schema(schema), tok, vocab_size, eos)
+    assert compile(StructuredSpec.json_schema(dict(schema)), tok, vocab_size, eos) is first
+    assert compile(StructuredSpec.regex("a+"), tok, vocab_size, eos) is not first
+
+
+def test_the_core_stays_free_of_frameworks():
+    import subprocess
+    import sys
+
+    code = ("import sys, dgemma.structured as s; s.compile(s.StructuredSpec.regex('a+'), "
+            "__import__('dgemma.random_model', fromlist=['x']).build_tokenizer_json(), 320, [1]); "
+            "assert 'torch' not in sys.modules and 'mlx' not in sys.modules and 'transformers' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
