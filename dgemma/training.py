@@ -118,50 +118,9 @@ class TrainLoop:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def peft_key(module: str, which: str) -> str:
-    """PEFT's name for adapter `which` ("A" or "B") of one of our modules, e.g. layers.0.self_attn.q_proj ->
-    base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight."""
-    return f"base_model.model.model.decoder.{module}.lora_{which}.weight"
-
-
-def adapter_config(rank: int, alpha: float, module_names) -> dict:
-    return {"r": int(rank), "lora_alpha": float(alpha),
-            "target_modules": sorted({n.rsplit(".", 1)[-1] for n in module_names}), "peft_type": "LORA",
-            "bias": "none", "task_type": "CAUSAL_LM"}
-
-
-def adapter_file(path: str | os.PathLike) -> Path:
-    """The safetensors file of an adapter path: the path itself if it ends in .safetensors, else the PEFT folder's
-    adapter_model.safetensors."""
-    path = Path(path)
-    return path if path.suffix == ".safetensors" else path / "adapter_model.safetensors"
-
-
-def write_adapter(path: str | os.PathLike, config: dict, save_file) -> Path:
-    """Write adapters through `save_file(file, metadata)` (the framework's safetensors writer, closed over the
-    tensors); a folder also gets adapter_config.json, as PEFT writes it."""
-    path = Path(path)
-    file = adapter_file(path)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    save_file(str(file), {"adapter_config": json.dumps(config)})
-    if file != path:
-        (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return path
-
-
-def read_adapter_config(path: str | os.PathLike, metadata: dict | None) -> dict:
-    """rank, alpha and targets of an adapter: from the file's metadata, else the folder's adapter_config.json."""
-    meta = json.loads((metadata or {}).get("adapter_config", "{}"))
-    folder_config = Path(path) / "adapter_config.json"
-    if not meta and folder_config.exists():
-        meta = json.loads(folder_config.read_text())
-    return meta
-
-
-def check_adapter_names(file, have, want) -> None:
-    if set(have) != set(want):
-        extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
-        raise ValueError(f"{file}: adapters do not match the model (extra {extra[:3]}, missing {missing[:3]})")
+# dgemma.adapters holds the adapter format (PEFT's names and adapter_config); re-exported for the recipes.
+from .adapters import (adapter_config, adapter_file, check_adapter_names, peft_key, peft_tensors,  # noqa: E402,F401
+                       read_adapter_config, write_adapter)
 
 
 # ----------------------------------------------------------------------------------------------------------------

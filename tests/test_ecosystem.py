@@ -68,3 +68,153 @@ def test_mlx_mixed_equals_mlx_vlm_convert(src, tmp_path, group_size):
     modules = {k: v for k, v in q_theirs.items() if isinstance(v, dict)}
     assert modules and {k: v for k, v in q_ours.items() if isinstance(v, dict)} == modules
     assert {k: q_ours[k] for k in ("bits", "group_size")} == {k: q_theirs[k] for k in ("bits", "group_size")}
+
+
+# -- PEFT: LoRA adapters ---------------------------------------------------------------------------------------------
+PROMPT = list(range(3, 30))
+LANGUAGE_MODEL_LINEARS = (r"model\.(?:decoder|encoder\.language_model)\.layers\.\d+\.(?:self_attn|mlp)\.\w+_proj"
+                          r"|model\.decoder\.self_conditioning\.\w+_proj")  # what a PEFT user would target
+
+
+def _inputs(vocab: int, canvas: int):
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, vocab, (1, canvas))
+    sc = rng.normal(0, 2, (1, canvas, vocab)).astype(np.float32)  # exercises the self-conditioning adapters
+    return ids, sc
+
+
+def reference_logits(model, canvas_ids, sc) -> np.ndarray:
+    """The reference's denoiser logits without and with self-conditioning, stacked (float32)."""
+    from reference import Oracle, padded
+
+    oracle = Oracle.__new__(Oracle)
+    oracle.model, oracle.C = model.eval(), model.config.canvas_length
+    ids, mask = padded([PROMPT])
+    oracle.prefill(ids, mask)
+    canvas = torch.as_tensor(canvas_ids)
+    return np.stack([oracle.denoise(canvas).float().numpy(), oracle.denoise(canvas, torch.as_tensor(sc)).float().numpy()])
+
+
+def dgemma_logits(model, canvas_ids, sc) -> np.ndarray:
+    state = model.prefill([PROMPT])
+    return np.stack([np.asarray(model.denoise(state, canvas_ids)),
+                     np.asarray(model.denoise(state, canvas_ids, self_conditioning_logits=sc))])
+
+
+def assert_close(got, want, rtol=1e-4):
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    print(f"\nlogits max error {err:.2e} of max |logit|")
+    assert err <= rtol, f"max error {err:.2e} of max |logit|"
+
+
+def _dgemma_with_adapters(src, backend: str):
+    """A dgemma model on `backend` with the recipe's LoRA (rank 4) on every target, B randomised (so the adapters
+    change the logits), and the recipe module that saves / loads them."""
+    import dgemma
+
+    model = dgemma.load(src, backend=backend, dtype="float32")
+    if backend == "mlx":
+        import mlx.core as mx
+
+        from dgemma.backends.mlx import train as recipe
+
+        recipe.apply_lora(model.backend.model, 4, 8.0, seed=0)
+        for i, m in enumerate(recipe.lora_modules(model.backend.model).values()):
+            m.lora_B = 0.05 * mx.random.normal(m.lora_B.shape, key=mx.random.key(i))
+    else:
+        from dgemma.backends.cuda import train as recipe
+
+        recipe.apply_lora(model.backend.model, 4, 8.0, seed=0)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in recipe.lora_modules(model.backend.model).values():
+                m.lora_B.copy_(0.05 * torch.randn(m.lora_B.shape, generator=g))
+    return model, recipe
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_dgemma_adapter_loads_in_peft(src, tmp_path, backend):
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    peft = pytest.importorskip("peft")
+    from reference import load_reference
+
+    model, recipe = _dgemma_with_adapters(src, backend)
+    recipe.save_lora(model.backend.model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], str) and "vision" not in config["target_modules"]
+    canvas, sc = _inputs(model.config.vocab_size, model.config.canvas_length)
+    ours = dgemma_logits(model, canvas, sc)
+    base = load_reference(src)
+    plain = reference_logits(base, canvas, sc)
+    tuned = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+    adapted = {n for n, _ in tuned.named_modules() if n.endswith(".lora_A")}
+    assert adapted and not any("vision" in n for n in adapted)
+    assert any(".encoder.language_model." in n for n in adapted) and any(".decoder." in n for n in adapted)
+    theirs = reference_logits(tuned.base_model.model, canvas, sc)
+    assert np.abs(theirs - plain).max() > 100 * np.abs(theirs - ours).max(), "the adapters changed nothing"
+    assert_close(ours, theirs)
+
+
+def _peft_trained_adapter(src, folder: Path):
+    """LoRA rank 4 on the language model's linears, trained 3 Adam steps with PEFT on the reference, each encoder
+    layer's adapter tied to its decoder twin (their base weights are one tensor, and dgemma runs one set of layers for
+    both passes); saved with PEFT's save_pretrained. Returns the trained PEFT model."""
+    import peft
+
+    from reference import load_reference
+
+    base = load_reference(src)
+    tuned = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=LANGUAGE_MODEL_LINEARS))
+    modules = dict(tuned.named_modules())
+    for name, m in modules.items():
+        twin = name.replace(".encoder.language_model.", ".decoder.")
+        if twin != name and hasattr(m, "lora_A") and twin in modules:
+            m.lora_A, m.lora_B = modules[twin].lora_A, modules[twin].lora_B
+    torch.manual_seed(0)
+    canvas, sc = _inputs(base.config.get_text_config().vocab_size, base.config.canvas_length)
+    opt = torch.optim.Adam([p for p in tuned.parameters() if p.requires_grad], lr=1e-2)
+    target = torch.as_tensor(canvas)
+    for _ in range(3):
+        logits = tuned.base_model.model(input_ids=torch.tensor([PROMPT]), decoder_input_ids=target).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.roll(1, -1).flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tuned.save_pretrained(str(folder))
+    return tuned
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_peft_adapter_loads_in_dgemma(src, tmp_path, backend):
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    pytest.importorskip("peft")
+    import dgemma
+
+    tuned = _peft_trained_adapter(src, tmp_path / "peft")
+    model = dgemma.load(src, backend=backend, dtype="float32")
+    recipe = pytest.importorskip(f"dgemma.backends.{backend}.train")
+    canvas, sc = _inputs(model.config.vocab_size, model.config.canvas_length)
+    plain = dgemma_logits(model, canvas, sc)
+    recipe.load_lora(model.backend.model, tmp_path / "peft")
+    ours = dgemma_logits(model, canvas, sc)
+    theirs = reference_logits(tuned.base_model.model, canvas, sc)
+    assert np.abs(ours - plain).max() > 100 * np.abs(theirs - ours).max(), "the adapters changed nothing"
+    assert_close(ours, theirs)
+
+
+def test_untied_peft_adapter_is_refused(src, tmp_path):
+    """PEFT adapters whose encoder and decoder copies differ cannot run on one set of layers: a clear error."""
+    peft = pytest.importorskip("peft")
+    import dgemma
+    from dgemma.backends.cuda import train as recipe
+    from reference import load_reference
+
+    tuned = peft.get_peft_model(load_reference(src),
+                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=LANGUAGE_MODEL_LINEARS,
+                                                init_lora_weights=False))  # random A and B everywhere
+    tuned.save_pretrained(str(tmp_path / "untied"))
+    model = dgemma.load(src, backend="cuda")
+    with pytest.raises(ValueError, match="different adapters in the encoder and the decoder"):
+        recipe.load_lora(model.backend.model, tmp_path / "untied")

@@ -209,10 +209,10 @@ def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     if not mods:
         raise ValueError("the model has no LoRA adapters")
     any_mod = next(iter(mods.values()))
-    tensors = {}
-    for name, m in mods.items():
-        tensors[peft_key(name, "A")] = m.lora_A.detach().cpu().contiguous()
-        tensors[peft_key(name, "B")] = m.lora_B.detach().cpu().contiguous()
+    from dgemma.adapters import peft_tensors  # each layer's adapters under the reference's encoder name too
+
+    tensors = peft_tensors({name: (m.lora_A.detach().cpu().contiguous(), m.lora_B.detach().cpu().contiguous())
+                            for name, m in mods.items()}, copy=torch.clone)
     return write_adapter(path, adapter_config(any_mod.rank, any_mod.alpha, mods),
                          lambda file, metadata: save_file(tensors, file, metadata=metadata))
 

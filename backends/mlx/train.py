@@ -247,10 +247,9 @@ def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     if not mods:
         raise ValueError("the model has no LoRA adapters")
     any_mod = next(iter(mods.values()))
-    tensors = {}
-    for name, m in mods.items():
-        tensors[peft_key(name, "A")] = m.lora_A
-        tensors[peft_key(name, "B")] = m.lora_B
+    from dgemma.adapters import peft_tensors  # each layer's adapters under the reference's encoder name too
+
+    tensors = peft_tensors({name: (m.lora_A, m.lora_B) for name, m in mods.items()})
     return write_adapter(path, adapter_config(any_mod.rank, any_mod.alpha, mods),
                          lambda file, metadata: mx.save_safetensors(file, tensors, metadata=metadata))
 
