@@ -397,3 +397,11 @@ def test_the_core_stays_free_of_frameworks():
             "__import__('dgemma.random_model', fromlist=['x']).build_tokenizer_json(), 320, [1]); "
             "assert 'torch' not in sys.modules and 'mlx' not in sys.modules and 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_copy_is_independent():
+    tok, vocab_size, eos = byte_tokenizer()
+    row = compile(StructuredSpec.choices(["ab", "cd"]), tok, vocab_size, eos).new_row()
+    twin = row.copy()
+    assert row.commit(np.array(tok.encode("ab", add_special_tokens=False).ids + eos))
+    assert not twin.accepted() and twin.commit(np.array(tok.encode("cd", add_special_tokens=False).ids + eos))

@@ -217,6 +217,13 @@ class RowConstraint:
         """True once the sequence has ended (see commit)."""
         return self._done
 
+    def copy(self) -> "RowConstraint":
+        """An independent copy of this state (microseconds): one per canvas when a request denoises several side by
+        side (attempts), or a checkpoint to go back to."""
+        twin = RowConstraint.__new__(RowConstraint)
+        twin.grammar, twin._matcher, twin._done = self.grammar, self._matcher.deep_copy(), self._done
+        return twin
+
     def allowed_now(self) -> np.ndarray:
         """bool[V]: the tokens allowed at the first position of the next canvas."""
         return self.grammar.allowed(self._matcher)
