@@ -13,7 +13,7 @@ import pytest
 
 from dgemma.errors import InputError
 from dgemma.random_model import build_tokenizer_json
-from dgemma.structured import StructuredSpec, compile, parse_tool_calls
+from dgemma.structured import StructuredSpec, compile, parse_tool_calls, spec_from_arguments
 
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12}}, "required": ["name"]},
@@ -81,6 +81,8 @@ SCHEMAS = [
 ]
 REGEXES = [r"[0-9]{3}-[0-9]{4}", r"(yes|no|maybe)", r"[a-z]{1,8}@[a-z]{1,8}\.(com|org)", r"#[0-9a-f]{6}",
            r"(0|[1-9][0-9]{0,2})(\.[0-9]{1,2})?", r"[A-Z][a-z]{1,8}( [A-Z][a-z]{1,8}){0,2}"]
+GRAMMARS = ['start: "(" num ("+" num)* ")"\nnum: /[0-9]{1,3}/', 'root ::= "Answer: " ("yes" | "no")']
+GRAMMAR_TEXTS = [r"\([0-9]{1,3}(\+[0-9]{1,3})*\)", r"Answer: (yes|no)"]   # what each grammar's language is, as a regex
 CHOICES = [["yes", "no"], ["red", "green", "blue", "green tea"], ["1", "10", "100"], ["Paris", "London", "Berlin"]]
 
 
@@ -195,11 +197,14 @@ def broken(text: str, spec: StructuredSpec) -> str | None:
         return None if re.fullmatch(spec.value, text) else "does not match"
     if spec.kind == "choices":
         return None if text in spec.value else "not a choice"
+    if spec.kind == "grammar":
+        return None if re.fullmatch(GRAMMAR_TEXTS[GRAMMARS.index(spec.value)], text) else "not in the grammar"
     raise AssertionError(spec.kind)
 
 
 ALL_SPECS = ([StructuredSpec.json_schema(s) for s in SCHEMAS] + [StructuredSpec.json_object()]
-             + [StructuredSpec.regex(r) for r in REGEXES] + [StructuredSpec.choices(c) for c in CHOICES])
+             + [StructuredSpec.regex(r) for r in REGEXES] + [StructuredSpec.choices(c) for c in CHOICES]
+             + [StructuredSpec.grammar(g) for g in GRAMMARS])
 
 
 def test_every_output_is_valid(tokenizer):
@@ -405,3 +410,27 @@ def test_a_copy_is_independent():
     twin = row.copy()
     assert row.commit(np.array(tok.encode("ab", add_special_tokens=False).ids + eos))
     assert not twin.accepted() and twin.commit(np.array(tok.encode("cd", add_special_tokens=False).ids + eos))
+
+
+def test_generate_arguments():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert spec_from_arguments() is None
+    assert spec_from_arguments(response_format=schema).schema() == schema
+    assert spec_from_arguments(response_format=json.dumps(schema)).schema() == schema
+    assert spec_from_arguments(response_format={"type": "json_object"}).kind == "json_object"
+    assert spec_from_arguments(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+                               ).schema() == schema
+    assert spec_from_arguments(response_format={"type": "string"}).schema() == {"type": "string"}  # a bare schema
+    assert spec_from_arguments(regex="a+").value == "a+" and spec_from_arguments(choices=["x"]).value == ("x",)
+    spec = StructuredSpec.regex("b")
+    assert spec_from_arguments(response_format=spec) is spec
+    with pytest.raises(InputError, match="give one of"):
+        spec_from_arguments(regex="a", choices=["a"])
+
+    pydantic = pytest.importorskip("pydantic")
+
+    class Point(pydantic.BaseModel):
+        x: int
+        y: int
+
+    assert spec_from_arguments(response_format=Point).schema()["required"] == ["x", "y"]

@@ -97,7 +97,9 @@ class Grammar:
         self._eos = np.zeros(vocab_size, dtype=bool)
         self._eos[[e for e in eos if 0 <= e < vocab_size]] = True
         try:
-            source = llguidance.LLMatcher.grammar_from_lark(lark_source(spec))
+            # a grammar may be Lark or GBNF (llama.cpp's and vLLM's EBNF); llguidance converts GBNF to Lark
+            source = llguidance.grammar_from("grammar", spec.value) if spec.kind == "grammar" else \
+                llguidance.LLMatcher.grammar_from_lark(lark_source(spec))
         except ValueError as e:
             raise InputError(f"{_part(spec)}: {e}") from None
         matcher = llguidance.LLMatcher(ll_tokenizer, source, log_level=0)

@@ -23,7 +23,7 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 class StructuredSpec:
     """One output constraint. `value` is the schema (frozen: see `schema()`) for json_schema, the pattern for regex, a
     tuple of strings for choices, Lark text (llguidance's CFG syntax,
-    https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md) for grammar, and a tuple of (name, parameters
+    https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md) or GBNF (llama.cpp's) for grammar, and a tuple of (name, parameters
     schema) for tool_call. `strict` is OpenAI's flag, kept for the record: strict or not, every keyword of a schema is
     enforced, and one the engine cannot enforce (`not`, say) is an error rather than silently ignored, so an output
     never breaks the schema it was asked for. `tool_choice` (tool_call): "auto" (text or one call), "required" (one
@@ -71,7 +71,7 @@ class StructuredSpec:
     @classmethod
     def grammar(cls, lark: str) -> "StructuredSpec":
         if not isinstance(lark, str) or not lark.strip():
-            raise InputError("grammar: must be a non-empty string (Lark syntax)")
+            raise InputError("grammar: must be a non-empty string (Lark or GBNF syntax)")
         return cls("grammar", lark)
 
     @classmethod
@@ -118,6 +118,36 @@ class StructuredSpec:
         if self.kind == "tool_call":
             return tool_call_schema(self.value)
         return None
+
+
+def spec_from_arguments(response_format=None, regex: str | None = None, choices=None,
+                        grammar: str | None = None) -> StructuredSpec | None:
+    """The spec for `model.generate(response_format=..., regex=..., choices=..., grammar=...)` and the CLI flags
+    (at most one of them). `response_format` may be a StructuredSpec, an OpenAI response_format object
+    ({"type": "json_object"} / {"type": "json_schema", "json_schema": {...}}), a bare JSON Schema (dict or JSON
+    text), or a pydantic model class (its model_json_schema())."""
+    given = [name for name, value in (("response_format", response_format), ("regex", regex), ("choices", choices),
+                                      ("grammar", grammar)) if value is not None]
+    if len(given) > 1:
+        raise InputError(f"structured output: give one of response_format, regex, choices, grammar "
+                         f"(got {', '.join(given)})")
+    if regex is not None:
+        return StructuredSpec.regex(regex)
+    if choices is not None:
+        return StructuredSpec.choices(list(choices) if not isinstance(choices, str) else choices)
+    if grammar is not None:
+        return StructuredSpec.grammar(grammar)
+    fmt = response_format
+    if fmt is None or isinstance(fmt, StructuredSpec):
+        return fmt
+    if hasattr(fmt, "model_json_schema"):
+        return StructuredSpec.json_schema(fmt.model_json_schema(), name=getattr(fmt, "__name__", None))
+    if isinstance(fmt, str):
+        return StructuredSpec.json_schema(fmt)
+    if isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object", "json_schema") and \
+            (fmt["type"] != "json_schema" or "json_schema" in fmt):
+        return _from_response_format(fmt)
+    return StructuredSpec.json_schema(fmt)
 
 
 def tool_call_schema(functions) -> dict:
