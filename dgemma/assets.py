@@ -1,12 +1,15 @@
-"""Where the default model lives: the model shipped inside the package when there is one, otherwise a small random
-checkpoint that dgemma writes once into its cache folder."""
+"""Where the default models live: the models shipped inside the package (the Sudoku solver, and a small text model
+once one ships), otherwise a small random checkpoint that dgemma writes once into its cache folder."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-PACKAGED_MODEL = Path(__file__).parent / "assets" / "sudoku"
+ASSETS = Path(__file__).parent / "assets"
+SUDOKU_MODEL = ASSETS / "sudoku"      # the shipped Sudoku model ("dgemma_task": "sudoku")
+TEXT_MODEL = ASSETS / "text"          # the shipped text model ("dgemma_task": "text"), where installed
+PACKAGED_MODEL = SUDOKU_MODEL         # the default of `dgemma.load()` and `dgemma sudoku solve`
 RANDOM_MODEL_NAME = "random-tiny-v1"
 
 
@@ -18,6 +21,11 @@ def default_model_path() -> Path:
     if (PACKAGED_MODEL / "config.json").exists():
         return PACKAGED_MODEL
     return random_model_path()
+
+
+def text_model_path() -> Path | None:
+    """The shipped text model's folder, None while the package has none."""
+    return TEXT_MODEL if (TEXT_MODEL / "config.json").exists() else None
 
 
 def is_random_default(path: Path) -> bool:

@@ -6,12 +6,15 @@ readable, and hands each backend a `safe_open` on the framework it wants (safete
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .config import ModelConfig, SamplerSettings, read_json
 from .errors import CheckpointError, ConfigError
@@ -33,13 +36,43 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
     looks_like_repo = text.count("/") == 1 and not text.startswith((".", "/", "~")) and " " not in text
     if not looks_like_repo:
         raise CheckpointError(f"{text}: no such model folder (and not a hub id of the form 'org/name')")
+    return _from_hub(text, lambda hub, local_only: hub.snapshot_download(
+        repo_id=text, allow_patterns=HUB_PATTERNS, local_files_only=local_only))
+
+
+def hub_file(repo_id: str, filename: str) -> Path:
+    """One file of a hub repo (e.g. its config.json), from the local cache when offline; errors as for a model."""
+    return _from_hub(repo_id, lambda hub, local_only: hub.hf_hub_download(
+        repo_id=repo_id, filename=filename, local_files_only=local_only))
+
+
+@functools.lru_cache(maxsize=1)
+def hub_offline() -> bool:
+    """Whether to use the local Hugging Face cache only: HF_HUB_OFFLINE is set, or the hub's host cannot be reached
+    (one connection attempt of a few seconds at most, so an offline machine fails at once instead of after
+    huggingface_hub's retries). Behind a proxy the proxy decides, so the hub is then taken as reachable."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    url = urlparse(constants.ENDPOINT)
     try:
-        from huggingface_hub import snapshot_download
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def _from_hub(text: str, fetch) -> Path:
+    try:
+        import huggingface_hub as hub
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
     except ImportError:  # pragma: no cover - a dependency of the package
         raise CheckpointError("huggingface_hub is not installed: pip install huggingface_hub") from None
     try:
-        return Path(snapshot_download(repo_id=text, allow_patterns=HUB_PATTERNS))
+        return Path(fetch(hub, hub_offline()))
     except LocalEntryNotFoundError:
         raise CheckpointError(
             f"{text}: not in the local Hugging Face cache and the hub cannot be reached (offline); "
@@ -160,6 +193,13 @@ class Checkpoint:
                 raise CheckpointError(f"{f}: could not read tensor data ({e})") from None
 
     # -- tokenizer -----------------------------------------------------------------------------------------------
+    def require_tokenizer(self) -> None:
+        """CheckpointError naming the folder when it has no tokenizer.json (text prompts need one)."""
+        if not (self.path / "tokenizer.json").exists():
+            raise CheckpointError(f"{self.path}: this model folder has no tokenizer.json, so a text prompt cannot be "
+                                  "encoded (copy in the tokenizer.json of the model it came from, or pass token ids "
+                                  "from Python)")
+
     def tokenizer(self):
         from .tokenizer import Tokenizer
 

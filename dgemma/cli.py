@@ -9,11 +9,6 @@ import click
 
 from .errors import DgemmaError, InputError
 
-# Parallel attempts (symmetric views) per puzzle when the CLI solves Sudoku: on the shipped model 8 views solve about
-# 94% of held-out medium puzzles where one solves 58% (examples/sudoku/RUNS.md), at 8 canvases per denoising pass.
-DEFAULT_ATTEMPTS = 8
-
-
 def _fail(message: str, code: int = 2):
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -46,72 +41,86 @@ def _backend_option(f):
 
 @main.command()
 @click.option("--model", "model_path", default=None,
-              help="Model folder or hub id (e.g. google/diffusiongemma-26B-A4B-it). Default: the model shipped with "
-                   "dgemma (a small random checkpoint until a trained one ships).")
+              help="Model folder or hub id (e.g. google/diffusiongemma-26B-A4B-it). Default: a model shipped with "
+                   "dgemma: the Sudoku solver for 81-cell puzzles, the small text model (dgemma/assets/text) for "
+                   "other prompts where it is installed.")
 @_backend_option
 @click.option("--prompt", "-p", multiple=True, help="Prompt text; repeat for a batch. '-' reads standard input.")
 @click.option("--prompt-file", type=click.Path(dir_okay=False), help="One prompt per line (a batch).")
 @click.option("--chat/--no-chat", default=False, help="Wrap each prompt as a user turn with the chat template.")
 @click.option("--max-new-tokens", type=int, default=None, help="Tokens to generate (whole canvases are denoised).")
-@click.option("--steps", "max_denoising_steps", type=int, default=None, help="Maximum denoising steps per canvas.")
+@click.option("--steps", "max_denoising_steps", type=int, default=None,
+              help="Maximum denoising passes per canvas (default: the checkpoint's generation_config.json). On a "
+                   "Sudoku model a retry may take as many again: its reported steps count every pass.")
 @click.option("--seed", type=int, default=None, help="Seed (prompt i of a batch uses seed + i).")
-@click.option("--entropy-bound", type=float, default=None)
-@click.option("--t-min", type=float, default=None)
-@click.option("--t-max", type=float, default=None)
-@click.option("--stability-threshold", type=int, default=None)
-@click.option("--confidence-threshold", type=float, default=None)
+@click.option("--entropy-bound", type=float, default=None,
+              help="Per pass, accept sampled tokens (most confident first) while their summed entropy stays under "
+                   "this bound; larger accepts more per pass (fewer steps, lower quality). Default 0.1.")
+@click.option("--t-min", type=float, default=None,
+              help="Sampling temperature at the last denoising step (the schedule goes linearly from --t-max).")
+@click.option("--t-max", type=float, default=None, help="Sampling temperature at the first denoising step.")
+@click.option("--stability-threshold", type=int, default=None,
+              help="A canvas stops early once its argmax has not changed for this many passes and it is confident "
+                   "(--confidence-threshold); 0 = confidence alone. Default 1.")
+@click.option("--confidence-threshold", type=float, default=None,
+              help="A canvas counts as confident when the mean entropy of its predictions is below this. Default "
+                   "0.005.")
 @click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")
 @click.option("--device", default=None, help="Torch device for --backend cuda (default: cuda if available, else cpu).")
-@click.option("--stream/--no-stream", default=False, help="Print each canvas as it is committed.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt with text, token ids and stats.")
+@click.option("--stream/--no-stream", default=False,
+              help="Print each canvas as it is committed (prompts one after another).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per prompt: text, token_ids, finish_reason, tokens_per_forward, "
+                   "steps_per_canvas, decoder_passes, prompt_tokens, generated_tokens, seconds (a Sudoku model adds "
+                   "puzzle, solution, solved, steps, retries, attempts).")
 @click.option("--stats/--no-stats", default=True, help="Print tokens per forward and steps per canvas to stderr.")
-@click.option("--show-canvas", is_flag=True, help="Draw the canvas in the terminal as it denoises (one prompt).")
+@click.option("--show-canvas", is_flag=True,
+              help="Draw the canvas in the terminal as it denoises (one prompt; a Sudoku model draws its board). "
+                   "Needs rich (the serve extra).")
 def generate(model_path, backend, prompt, prompt_file, chat, max_new_tokens, max_denoising_steps, seed,
              entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, dtype, device, stream, as_json,
              stats, show_canvas=False):
-    """Generate text with the block-diffusion sampler."""
+    """Generate text with the block-diffusion sampler (a Sudoku model solves the puzzles it is given)."""
     from .api import load
-    from .assets import default_model_path, is_random_default
+    from .assets import is_random_default
+    from .backend import backend_class
+    from .checkpoint import Checkpoint
+    from .tasks import GenerateOptions, task_of
 
     prompts = _read_prompts(prompt, prompt_file)
     sampler = dict(max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
                    entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
                    confidence_threshold=confidence_threshold)
-    path = model_path if model_path is not None else default_model_path()
+    path = model_path if model_path is not None else _default_model(prompts, chat)
     if model_path is None and is_random_default(path):
-        click.echo("note: no --model given and no trained model ships with dgemma yet: using a small random "
+        click.echo("note: no --model given and no trained model ships with dgemma: using a small random "
                    "checkpoint (its output is noise)", err=True)
-    from .backend import backend_class
-    from .checkpoint import Checkpoint
-
+    if show_canvas:
+        _require_serve_extra("--show-canvas", ("rich",))
+    if stream and as_json:
+        raise InputError("--stream prints text as it comes and --json one object per prompt: pick one")
     backend_class(backend)  # an unknown or missing backend fails before anything is read
     checkpoint = Checkpoint(path)
     checkpoint.sampler_defaults.updated(**sampler)  # bad sampler values fail before the weights load
+    task = task_of(checkpoint)  # what the checkpoint declares it is for ("dgemma_task" in config.json)
+    who = "the built-in model" if model_path is None else f"--model {model_path}"
+    if task is not None:
+        for p in prompts:
+            task.check_prompt(p, who=who, other="--model PATH")
+    else:
+        checkpoint.require_tokenizer()
     model = load(checkpoint, backend=backend, dtype=dtype, device=device, progress=sys.stderr.isatty())
-    from .sudoku_task import is_sudoku_model
-
-    if is_sudoku_model(model):
-        who = "the built-in model" if model_path is None else f"--model {model_path}"
-        boards = []
-        for i, p in enumerate(prompts):
-            try:
-                boards.append(_check_puzzle(p, "--prompt" if len(prompts) == 1 else f"prompt {i + 1}"))
-            except InputError as e:
-                raise InputError(f"{who} is a Sudoku solver: pass an 81-character puzzle ('1'-'9', '.' or '0' for "
-                                 f"blanks), or --model PATH for a text model ({e})") from None
-        results = _solve(model, boards, seed=0 if seed is None else seed, constraints=True, retries=2,
-                         attempts=DEFAULT_ATTEMPTS, sampler={k: v for k, v in sampler.items() if k != "max_new_tokens"})
-        _print_sudoku(results, model, as_json=as_json, grid=True, stats=stats)
-        return
+    if task is not None:
+        return task.run_generate(model, prompts, GenerateOptions(
+            who=who, seed=seed, chat=chat, stream=stream, show_canvas=show_canvas, as_json=as_json, stats=stats,
+            sampler=sampler))
     if show_canvas:
         from .live import show_canvas_cli
 
         return show_canvas_cli(model, prompts, seed=seed, chat=chat, sampler=sampler, stats=stats)
-    if stream and len(prompts) == 1 and not as_json:
-        for chunk in model.stream(prompts[0], seed=seed, chat=chat, **sampler):
-            click.echo(chunk.text, nl=False)
-            sys.stdout.flush()
-        click.echo()
+    if stream:
+        for i, p in enumerate(prompts):
+            _stream(model, p, seed=None if seed is None else seed + i, chat=chat, sampler=sampler, stats=stats)
         return
     seeds = None if seed is None else [seed + i for i in range(len(prompts))]
     results = model.generate_batch(prompts, seeds=seeds, chat=chat, **sampler)
@@ -128,6 +137,61 @@ def generate(model_path, backend, prompt, prompt_file, chat, max_new_tokens, max
             click.echo(f"[{s.generated_tokens} tokens, {s.canvases} canvas(es), steps per canvas "
                        f"{s.steps_per_canvas}, tokens/forward {s.tokens_per_forward:.2f}, {s.seconds:.2f}s, "
                        f"{model.backend.describe()}]", err=True)
+
+
+def _default_model(prompts: list[str], chat: bool):
+    """With no --model: the shipped text model for text (when installed), else the shipped Sudoku model."""
+    from .assets import default_model_path, text_model_path
+    from .tasks import TEXT, prompt_task
+
+    text_model = text_model_path()
+    if text_model is not None and (chat or prompt_task(prompts) == TEXT):
+        return text_model
+    return default_model_path()
+
+
+def _stream(model, prompt: str, *, seed, chat, sampler: dict, stats: bool) -> None:
+    """Print one prompt's canvases as they are committed, then its stats line."""
+    import time
+
+    started = time.perf_counter()
+    tokens, steps = 0, []
+    for chunk in model.stream(prompt, seed=seed, chat=chat, **sampler):
+        click.echo(chunk.text, nl=False)
+        sys.stdout.flush()
+        tokens += len(chunk.token_ids)
+        steps.append(chunk.steps)
+    click.echo()
+    if stats:  # a stream reports no padding, so this line has no tokens/forward (the non-streamed one does)
+        click.echo(f"[{tokens} tokens, {len(steps)} canvas(es), steps per canvas {steps}, "
+                   f"{time.perf_counter() - started:.2f}s, {model.backend.describe()}]", err=True)
+
+
+def _require_serve_extra(what: str, modules: tuple[str, ...]) -> None:
+    """One line naming the extra when an optional dependency of `what` is not installed."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise InputError(f"{what} needs {', '.join(missing)}, part of the serve extra: pip install 'dgemma[serve]'")
+
+
+def _check_port(host: str, port: int) -> None:
+    """Bind the address once before the model loads, so a port in use is one line, not a server's traceback."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise InputError(f"--host {host}: {e.strerror}") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise InputError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pick another "
+                             "--port") from None
 
 
 def _read_prompts(prompt, prompt_file) -> list[str]:
@@ -161,10 +225,11 @@ def _read_prompts(prompt, prompt_file) -> list[str]:
 @click.option("--quant", default=None, help="CUDA: fp8 (e4m3, per-channel scales) or int4 (experts; rest bf16/FP8).")
 @click.option("--rest", default=None, help="With --quant int4: fp8 or bf16 for the non-expert weights.")
 @click.option("--dtype", default=None, help="Float dtype of unquantized tensors (bfloat16, float16, float32).")
-@click.option("--shard-size-gb", type=float, default=4.0, show_default=True)
+@click.option("--shard-size-gb", type=float, default=4.0, show_default=True,
+              help="Largest output shard (model-0000N-of-0000M.safetensors), in GB.")
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
 @click.option("--dry-run", is_flag=True, help="Print output sizes and peak memory from config.json alone.")
-@click.option("--progress/--no-progress", default=True)
+@click.option("--progress/--no-progress", default=True, help="A progress bar on stderr while converting.")
 def convert_command(src, dst, to, bits, group_size, mixed, quant, rest, dtype, shard_size_gb, force, dry_run,
                     progress):
     """Convert SRC (folder or hub id) to DST in another format, streaming one tensor at a time."""
@@ -173,128 +238,28 @@ def convert_command(src, dst, to, bits, group_size, mixed, quant, rest, dtype, s
     report = convert(src, dst, to=to, bits=bits, group_size=group_size, mixed=mixed, quant=quant, dtype=dtype,
                      force=force, dry_run=dry_run, progress=progress and not dry_run, rest=rest,
                      shard_size_gb=shard_size_gb)
-    click.echo(report.format_report())
-
-
-@main.group(cls=_Group)
-def sudoku():
-    """Solve Sudoku puzzles with a Sudoku model (by default the one built into dgemma)."""
-
-
-@sudoku.command("solve")
-@click.argument("puzzles", nargs=-1)
-@click.option("--file", "puzzle_file", type=click.Path(dir_okay=False),
-              help="Puzzles, one per line (81 cells; a line 'puzzle,solution' uses the first field; '#' comments).")
-@click.option("--model", "model_path", default=None, help="A Sudoku model folder (default: the built-in one).")
-@_backend_option
-@click.option("--json", "as_json", is_flag=True, help='One {"puzzle", "solution", "solved", "steps", ...} per line.')
-@click.option("--grid", is_flag=True, help="Print each solution as a 9x9 grid instead of one 81-char line.")
-@click.option("--constraints/--no-constraints", default=True, show_default=True,
-              help="Constraint-aware sampling: re-noise digits that break a rule or overwrite a given.")
-@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
-              help="With --constraints: re-denoise a finished board that still breaks a rule, at most this often.")
-@click.option("--attempts", type=click.IntRange(min=1), default=None,
-              help=f"With --constraints: symmetric views of each puzzle denoised side by side; the first that solves "
-                   f"it wins [default: {DEFAULT_ATTEMPTS}; 1 with --no-constraints].")
-@click.option("--seed", type=int, default=0, show_default=True, help="Puzzle i uses seed + i.")
-@click.option("--steps", "max_denoising_steps", type=click.IntRange(min=1), default=None,
-              help="Maximum denoising steps per attempt (default: the model's).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Puzzles per batch (each attempt is one canvas of it).")
-@click.option("--dtype", default=None)
-@click.option("--device", default=None)
-@click.option("--stats/--no-stats", default=True, help="Print the solve rate and mean steps to stderr.")
-def sudoku_solve(puzzles, puzzle_file, model_path, backend, as_json, grid, constraints, retries, attempts, seed,
-                 max_denoising_steps, batch_size, dtype, device, stats):
-    """Solve PUZZLES (81 cells each: '1'-'9', '.' or '0' for blanks; whitespace ignored). One line per puzzle: the
-    model's board (unsolved boards are printed too; --json says which)."""
-    from .api import load
-    from .assets import default_model_path
-    from .sudoku_task import is_sudoku_model
-
-    boards = [_check_puzzle(p, f"puzzle {i + 1}") for i, p in enumerate(puzzles)]
-    if puzzle_file:
-        try:
-            with open(puzzle_file, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except OSError as e:
-            raise InputError(f"--file {puzzle_file}: {e.strerror}") from None
-        for n, line in enumerate(lines, 1):
-            text = line.split("#", 1)[0].split(",", 1)[0].strip()
-            if text:
-                boards.append(_check_puzzle(text, f"--file {puzzle_file} line {n}"))
-    if not boards:
-        raise InputError("no puzzle: pass PUZZLE arguments or --file F")
-    if attempts is None:
-        attempts = DEFAULT_ATTEMPTS if constraints else 1
-    if attempts > 1 and not constraints:
-        raise InputError("--attempts above 1 needs --constraints (the checker is what tells a solved board)")
-    path = model_path if model_path is not None else default_model_path()
-    model = load(path, backend=backend, dtype=dtype, device=device, progress=False)
-    if not is_sudoku_model(model):
-        raise InputError(f"--model {path} is not a Sudoku model (its tokenizer has no Sudoku cell tokens)")
-    results = _solve(model, boards, seed=seed, constraints=constraints, retries=retries, attempts=attempts,
-                     batch_size=batch_size, sampler={"max_denoising_steps": max_denoising_steps})
-    _print_sudoku(results, model, as_json=as_json, grid=grid, stats=stats)
-
-
-def _check_puzzle(text: str, name: str) -> str:
-    from .sudoku_task import check_puzzle
-
-    try:
-        return check_puzzle(text, name)
-    except ValueError as e:
-        raise InputError(str(e)) from None
-
-
-def _solve(model, boards, *, seed, constraints, retries, attempts, sampler, batch_size=64):
-    from .sudoku_task import solve_puzzles
-
-    try:
-        return solve_puzzles(model, boards, seed=seed, constraints=constraints, max_retries=retries,
-                             attempts=attempts, batch_size=batch_size * attempts, **sampler)
-    except ValueError as e:  # a bad sampler value
-        raise InputError(str(e)) from None
-
-
-def _print_sudoku(results, model, *, as_json: bool, grid: bool, stats: bool) -> None:
-    from .sudoku import format_grid
-
-    for i, r in enumerate(results):
-        if as_json:
-            click.echo(json.dumps(r.to_json()))
-        elif grid:
-            if len(results) > 1:
-                click.echo(f"# puzzle {i + 1}: " + ("solved" if r.solved else "NOT solved"))
-            click.echo(format_grid(r.solution))
-        else:
-            click.echo(r.solution)
-    if stats:
-        solved = sum(r.solved for r in results)
-        steps = sum(r.steps for r in results) / len(results)
-        tpf = sum(r.tokens_per_forward for r in results) / len(results)
-        secs = sum(r.seconds for r in results)
-        views = max(r.attempts for r in results)
-        width = f", {views} views per puzzle side by side" if views > 1 else ""
-        click.echo(f"[solved {solved}/{len(results)}, mean {steps:.1f} denoising steps{width}, tokens/forward "
-                   f"{tpf:.2f}, {secs:.2f}s, {model.backend.describe()}]", err=True)
+    if not (progress and not dry_run):  # with the progress bar on, convert() prints the report itself
+        click.echo(report.format_report())
 
 
 @main.command()
 @click.option("--model", "model_path", default=None, help="Model folder or hub id (default: the shipped model).")
 @_backend_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (loopback by default).")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port to listen on.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=None, help="Requests denoised together (default 16).")
 @click.option("--batching", type=click.Choice(["merged", "exact"]), default="merged", show_default=True,
               help="merged: one decoder pass for all requests; exact: one per request, bit-identical to solo runs.")
+@click.option("--prompt-cache-mb", type=click.FloatRange(min=0), default=512, show_default=True,
+              help="Memory for the prompt cache: a request whose prompt starts with an already encoded prefix (a "
+                   "shared system prompt, a resent chat) encodes only the rest; least recently used go first. 0: off.")
 @click.option("--served-model-name", default=None, help="The model id clients send (default: the folder name).")
-@click.option("--dtype", default=None)
-@click.option("--device", default=None)
+@click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")
+@click.option("--device", default=None, help="Torch device for --backend cuda (default: cuda if available, else cpu).")
 @click.option("--print-vllm-command", is_flag=True, help="Print the `vllm serve` command for this checkpoint and exit.")
 @click.option("--max-model-len", type=int, default=None, help="With --print-vllm-command (default: the config's).")
-def serve(model_path, backend, host, port, max_batch, batching, served_model_name, dtype, device, print_vllm_command,
-          max_model_len):
+def serve(model_path, backend, host, port, max_batch, batching, prompt_cache_mb, served_model_name, dtype, device,
+          print_vllm_command, max_model_len):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     if print_vllm_command:
         from .vllm import print_vllm_command as print_command
@@ -302,12 +267,42 @@ def serve(model_path, backend, host, port, max_batch, batching, served_model_nam
         print_command(model_path, served_model_name=served_model_name, host=host, port=port,
                       max_model_len=max_model_len, max_num_seqs=max_batch)
         return
-    from .server import cli_serve
+    _require_serve_extra("dgemma serve", ("fastapi", "uvicorn"))
+    _check_port(host, port)
+    from .serve import cli_serve
 
     cli_serve(model_path=model_path, backend=backend, host=host, port=port, max_batch=max_batch, batching=batching,
-              served_model_name=served_model_name, dtype=dtype, device=device,
+              prompt_cache_mb=prompt_cache_mb, served_model_name=served_model_name, dtype=dtype, device=device,
               print_vllm_command=print_vllm_command, max_model_len=max_model_len)
 
+
+@main.command("random-checkpoint")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--canvas-length", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Tokens per canvas.")
+@click.option("--force", is_flag=True, help="Replace FOLDER if it exists.")
+def random_checkpoint(folder, seed, canvas_length, force):
+    """Write a small random DiffusionGemma checkpoint to FOLDER (6 layers, hidden 64, 8 experts, a byte-level
+    tokenizer and a chat template; under 1 MB) to try every command on. Its output is noise."""
+    from pathlib import Path
+
+    from .random_model import write_random_checkpoint
+
+    if Path(folder).exists() and not force:
+        raise InputError(f"{folder} exists: pass --force to replace it")
+    click.echo(write_random_checkpoint(folder, seed=seed, canvas_length=canvas_length))
+
+
+def _add_task_commands() -> None:
+    """Each task registers its own command (`dgemma sudoku ...`) through the task registry."""
+    from .tasks import cli_commands
+
+    for command in cli_commands():
+        main.add_command(command)
+
+
+_add_task_commands()
 
 if __name__ == "__main__":  # pragma: no cover
     main()

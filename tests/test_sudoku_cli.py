@@ -4,6 +4,7 @@ benchmark's business, bench/bench_sudoku.py): these tests check the plumbing, wh
 honestly."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from dgemma.cli import main
-from dgemma.sudoku import format_grid, generate_dataset, parse
+from dgemma.tasks.sudoku.puzzles import format_grid, generate_dataset, parse
 
 PUZZLES = [p for p, _ in generate_dataset(3, "easy", seed=31)]
 
@@ -19,7 +20,7 @@ PUZZLES = [p for p, _ in generate_dataset(3, "easy", seed=31)]
 @pytest.fixture(scope="module")
 def sudoku_ckpt(tmp_path_factory):
     from dgemma.backends.cuda.train import export_hf, new_model
-    from dgemma.sudoku_task import sudoku_generation_config, sudoku_model_config, write_tokenizer
+    from dgemma.tasks.sudoku.task import sudoku_generation_config, sudoku_model_config, write_tokenizer
 
     config = sudoku_model_config(hidden_size=32, num_hidden_layers=2, num_experts=4, moe_intermediate_size=16,
                                  intermediate_size=64, num_attention_heads=2, head_dim=16)
@@ -43,10 +44,11 @@ def one_line_error(result, *fragments):
 def test_solve_prints_one_board_per_puzzle_and_a_summary(sudoku_ckpt):
     r = run_cli("sudoku", "solve", "--model", str(sudoku_ckpt), *PUZZLES[:2], "--retries", "1")
     assert r.exit_code == 0, r.stderr
-    boards = r.stdout.split()
-    assert len(boards) == 2 and all(len(b) == 81 for b in boards)
-    for puzzle, board in zip(PUZZLES, boards):
-        parse(board)  # a board, digits or '.' where the model left none
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2
+    for line in lines:  # a board (digits or '.' where the model left none), an unsolved one marked as a comment
+        board, _, note = line.partition("  # ")
+        assert len(parse(board)) == 81 and (note == "" or note.startswith("NOT solved ("))
     assert "solved " in r.stderr and "/2" in r.stderr and "denoising steps" in r.stderr
 
 
@@ -71,6 +73,8 @@ def test_generate_on_a_sudoku_model_prints_the_board(sudoku_ckpt):
                           "--prompt", PUZZLES[0], "--seed", "0"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
+    if lines[0].startswith("# NOT solved ("):  # an unsolved board says so above the grid
+        lines = lines[1:]
     assert len(lines) == 11 and lines[3] == "------+-------+------"
     assert "solved " in out.stderr and "/1" in out.stderr
 
@@ -104,3 +108,88 @@ def test_solve_with_attempts_reports_them_and_needs_constraints(sudoku_ckpt):
     assert json.loads(plain.stdout.splitlines()[0])["attempts"] == 1
     one_line_error(run_cli("sudoku", "solve", "--model", str(sudoku_ckpt), PUZZLES[0], "--attempts", "2",
                            "--no-constraints"), "--attempts", "--constraints")
+
+
+def test_sudoku_checkpoints_declare_their_task_and_older_ones_are_still_read(sudoku_ckpt, tmp_path):
+    from dgemma.checkpoint import Checkpoint
+    from dgemma.tasks import declared_task
+
+    assert json.loads((sudoku_ckpt / "config.json").read_text())["dgemma_task"] == "sudoku"
+    assert declared_task(Checkpoint(sudoku_ckpt)) == "sudoku"
+    old = tmp_path / "old"  # a checkpoint written before the key existed: recognised by its Sudoku tokenizer
+    shutil.copytree(sudoku_ckpt, old)
+    cfg = json.loads((old / "config.json").read_text())
+    del cfg["dgemma_task"]
+    (old / "config.json").write_text(json.dumps(cfg))
+    assert declared_task(Checkpoint(old)) == "sudoku"
+    r = run_cli("sudoku", "solve", "--model", str(old), PUZZLES[0], "--no-stats")
+    assert r.exit_code == 0, r.stderr
+    cfg["dgemma_task"] = "chess"
+    (old / "config.json").write_text(json.dumps(cfg))
+    one_line_error(run_cli("generate", "--model", str(old), "--prompt", PUZZLES[0]), "config.json", "'chess'",
+                   "sudoku")
+
+
+@pytest.mark.parametrize("option, fragment", [(["--stream"], "--show-canvas draws it"), (["--chat"], "no chat"),
+                                              (["--max-new-tokens", "9"], "82 tokens")])
+def test_generate_refuses_text_options_on_a_sudoku_model(sudoku_ckpt, option, fragment):
+    one_line_error(run_cli("generate", "--model", str(sudoku_ckpt), "--prompt", PUZZLES[0], *option),
+                   option[0], "Sudoku" if option[0] == "--chat" else "one canvas", fragment)
+
+
+def test_generate_json_on_a_sudoku_model_has_the_schema_help_promises(sudoku_ckpt):
+    r = run_cli("generate", "--model", str(sudoku_ckpt), "--prompt", PUZZLES[0], "--prompt", PUZZLES[1], "--json",
+                "--seed", "2")
+    assert r.exit_code == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(rows) == 2
+    for row, puzzle in zip(rows, PUZZLES):
+        assert set(row) >= {"text", "token_ids", "finish_reason", "tokens_per_forward", "steps_per_canvas",
+                            "decoder_passes", "prompt_tokens", "generated_tokens", "seconds", "puzzle", "solved"}
+        assert row["puzzle"] == puzzle and row["text"] == row["solution"] and row["prompt_tokens"] == 164
+        assert sum(row["steps_per_canvas"]) == row["steps"]
+        board = "".join(str(t - 5) if 6 <= t <= 14 else "." for t in row["token_ids"][:81])
+        assert board == row["solution"]  # the kept view's tokens, mapped back to the puzzle's own frame
+
+
+def test_show_canvas_draws_the_board_and_prints_the_same_result(sudoku_ckpt):
+    args = ["generate", "--model", str(sudoku_ckpt), "--prompt", PUZZLES[0], "--seed", "1", "--no-stats"]
+    live = run_cli(*args, "--show-canvas")
+    assert live.exit_code == 0, live.stderr
+    assert "passes" in live.stderr and "------+-------+------" in live.stderr  # the board, drawn on stderr
+    assert live.stdout == run_cli(*args).stdout
+
+
+def test_an_unsolved_board_prints_differently(sudoku_ckpt):
+    m = ["--model", str(sudoku_ckpt), "--no-constraints", "--steps", "1", "--no-stats"]  # an untrained model, 1 step
+    rows = [json.loads(x) for x in run_cli("sudoku", "solve", *m, "--json", *PUZZLES).stdout.splitlines()]
+    assert not any(row["solved"] for row in rows), "the test needs unsolved boards"
+    lines = run_cli("sudoku", "solve", *m, *PUZZLES).stdout.splitlines()
+    assert [ln.split("  # ")[0] for ln in lines] == [row["solution"] for row in rows]
+    assert all(ln.split("  # ")[1].startswith("NOT solved (") for ln in lines)
+    grid = run_cli("sudoku", "solve", *m, "--grid", PUZZLES[0]).stdout.splitlines()
+    assert grid[0].startswith("# NOT solved (") and len(grid) == 12
+
+
+def test_solve_shows_a_progress_bar_on_stderr(sudoku_ckpt, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("\n".join(PUZZLES) + "\n")
+    m = ["--model", str(sudoku_ckpt), "--file", str(f), "--steps", "1", "--batch-size", "1", "--no-stats"]
+    bar = run_cli("sudoku", "solve", *m, "--progress")
+    assert bar.exit_code == 0, bar.stderr
+    assert "solving" in bar.stderr and "3/3" in bar.stderr and "puzzle" in bar.stderr
+    assert run_cli("sudoku", "solve", *m).stderr == ""  # not a terminal: no bar unless asked
+
+
+def test_text_prompts_to_a_sudoku_model_are_refused_by_the_task_hook():
+    """`dgemma.tasks.sudoku.check_prompt` is what the API and the CLI call before a Sudoku model sees a prompt."""
+    from dgemma.errors import InputError
+    from dgemma.tasks.sudoku import check_prompt
+    from dgemma.tasks.sudoku.task import encode_prompt
+
+    with pytest.raises(InputError, match="is a Sudoku solver: pass an 81-character puzzle"):
+        check_prompt("Why is the sky blue?")
+    with pytest.raises(InputError, match="chat messages"):
+        check_prompt([{"role": "user", "content": PUZZLES[0]}])
+    check_prompt(PUZZLES[0])
+    check_prompt(encode_prompt(PUZZLES[0]))  # token ids are the caller's business

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...scheduler import attempt_seed
 from .puzzles import IDENTITY, Symmetry, generate_dataset, is_valid_solution, parse, random_symmetry, violations
+
+if TYPE_CHECKING:
+    from ...api import Generation
 
 PAD, EOS, BOS, UNK, SEP = 0, 1, 2, 3, 4
 BLANK_ID = 5
@@ -204,7 +208,8 @@ def sudoku_model_config(hidden_size: int = 128, num_hidden_layers: int = 6, num_
     }
     return {"architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
             "canvas_length": canvas_length, "dtype": dtype, "eos_token_id": [EOS], "pad_token_id": PAD,
-            "tie_word_embeddings": True, "text_config": text, "_dgemma_note": "Sudoku model (dgemma.sudoku_task)"}
+            "tie_word_embeddings": True, "text_config": text, "dgemma_task": "sudoku",
+            "_dgemma_note": "Sudoku model (dgemma.tasks.sudoku)"}
 
 
 def sudoku_generation_config(canvas_length: int = CANVAS_LENGTH, max_denoising_steps: int = 32) -> dict:
@@ -230,11 +235,21 @@ class SudokuResult:
     tokens_per_forward: float
     seconds: float            # the batch's wall time shared evenly among its puzzles
     attempts: int = 1         # canvases denoised side by side for this puzzle (each pass ran that many)
+    generation: Generation | None = field(default=None, repr=False)  # the kept canvas's, in the puzzle's frame
 
     def to_json(self) -> dict:
         return {"puzzle": self.puzzle, "solution": self.solution, "solved": self.solved, "steps": self.steps,
                 "retries": self.retries, "tokens_per_forward": round(self.tokens_per_forward, 3),
                 "attempts": self.attempts}
+
+    def to_generate_json(self) -> dict:
+        """`dgemma generate --json`'s schema (text = the board), plus the puzzle fields of `to_json`."""
+        g = self.generation
+        s = g.stats
+        return {"text": self.solution, "token_ids": g.token_ids, "finish_reason": s.finish_reason,
+                "tokens_per_forward": s.tokens_per_forward, "steps_per_canvas": s.steps_per_canvas,
+                "decoder_passes": s.decoder_passes, "prompt_tokens": s.prompt_tokens,
+                "generated_tokens": s.generated_tokens, "seconds": self.seconds, **self.to_json()}
 
 
 def is_sudoku_model(model) -> bool:
@@ -267,7 +282,7 @@ def puzzle_views(attempts: int, seed: int) -> list[Symmetry]:
 
 def solve_puzzles(model, puzzles: Sequence[str], *, seed: int = 0, constraints: bool = True, max_retries: int = 2,
                   attempts: int = 1, renoise: bool = True, batch_size: int = 64, on_step=None,
-                  **sampler) -> list[SudokuResult]:
+                  on_batch: Callable[[int], None] | None = None, **sampler) -> list[SudokuResult]:
     """Solve puzzles with a Sudoku model (`is_sudoku_model`); puzzle i uses seed + i.
     `constraints` turns on constraint-aware sampling (`make_checker`: digits that repeat in a row, column or box, or
     overwrite a given, are re-noised; a board stops as soon as it is a solution) and up to `max_retries`
@@ -275,7 +290,8 @@ def solve_puzzles(model, puzzles: Sequence[str], *, seed: int = 0, constraints: 
     views of each puzzle side by side (`puzzle_views`) and keeps the first that solves it, else the one with the
     fewest broken cells; its steps are the group's. `renoise=False` (with constraints) keeps the checker to judging
     finished boards: no re-noising while denoising. A batch holds up to `batch_size` canvases (batch_size //
-    attempts puzzles). Puzzles are checked first (`check_puzzle`)."""
+    attempts puzzles). Puzzles are checked first (`check_puzzle`). `on_batch(n)` is called after each batch with its
+    number of puzzles (a progress bar)."""
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     if attempts > 1 and not constraints:
@@ -303,10 +319,27 @@ def solve_puzzles(model, puzzles: Sequence[str], *, seed: int = 0, constraints: 
             pick = next(a for a, g in enumerate(rows) if g.stats.chosen)
             g = rows[pick]
             solution = views[i][pick].undo(decode_solution(g.token_ids))
+            kept = replace(g, token_ids=undo_tokens(views[i][pick], g.token_ids), text=solution)
             out.append(SudokuResult(board, solution, is_valid_solution(board, solution),
                                     int(sum(g.stats.steps_per_canvas)), int(g.stats.retries),
-                                    float(g.stats.tokens_per_forward), each, attempts))
+                                    float(g.stats.tokens_per_forward), each, attempts, kept))
+        if on_batch is not None:
+            on_batch(len(chunk))
     return out
+
+
+def undo_tokens(view: Symmetry, ids: Sequence[int]) -> list[int]:
+    """A view's canvas tokens in the puzzle's own frame: cells moved back and digits relabelled back (other tokens
+    and the positions after the 81 cells as they are; cells missing after an early eos come back as blanks)."""
+    ids = [int(t) for t in ids]
+    if view == IDENTITY:
+        return ids
+    cells = ids[:81] + [BLANK_ID] * (81 - len(ids[:81]))
+    unlabel = {DIGIT_IDS[int(view.relabel[d]) - 1]: DIGIT_IDS[d - 1] for d in range(1, 10)}
+    out = [BLANK_ID] * 81
+    for i, j in enumerate(view.cells):
+        out[j] = unlabel.get(cells[i], cells[i])
+    return out + ids[81:]
 
 
 def solve_rate(folder, pairs: Sequence[tuple[str, str]], *, backend: str = "cuda", device: str | None = None,
