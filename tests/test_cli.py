@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from dgemma.cli import main
-from dgemma.sudoku import is_valid_solution, parse
-from dgemma.sudoku_task import held_out_puzzles
+from dgemma.tasks.sudoku.puzzles import is_valid_solution, parse
+from dgemma.tasks.sudoku.task import held_out_puzzles
 
 README_PUZZLE = held_out_puzzles("55", 1)[0][0]
 
@@ -146,3 +146,124 @@ def test_out_of_vocabulary_ids_rejected(random_default):
         model.generate([5, 6, 100000], max_new_tokens=8)
     with pytest.raises(InputError, match="outside the vocabulary"):
         model.prefill([[5, -1]])
+
+
+def test_stream_handles_several_prompts_and_prints_stats(random_default):
+    m = ["generate", "--model", str(random_default), "--prompt", "abc", "--prompt", "de", "--max-new-tokens", "40",
+         "--steps", "3", "--seed", "1"]
+    r = run_cli(*m, "--stream")
+    assert r.exit_code == 0, r.stderr
+    one = [run_cli("generate", "--model", str(random_default), "--prompt", p, "--max-new-tokens", "40", "--steps",
+                   "3", "--seed", str(s), "--no-stats").stdout for p, s in (("abc", 1), ("de", 2))]
+    assert r.stdout == "".join(one)  # prompt i streams with seed + i, as a batch would seed it
+    stats = r.stderr.splitlines()
+    assert len(stats) == 2 and all("tokens" in ln and "steps per canvas" in ln for ln in stats), r.stderr
+    one_line_error(run_cli(*m, "--stream", "--json"), "--stream", "--json")
+
+
+def test_a_missing_tokenizer_names_the_folder(random_default, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(random_default, bare)
+    (bare / "tokenizer.json").unlink()
+    one_line_error(run_cli("generate", "--model", str(bare), "--prompt", "x"), str(bare), "no tokenizer.json")
+
+
+def test_default_model_routes_text_to_the_shipped_text_model(random_default, monkeypatch):
+    import dgemma.assets
+
+    puzzle = ["generate", "--prompt", README_PUZZLE, "--seed", "0", "--no-stats"]
+    board = run_cli(*puzzle).stdout
+    monkeypatch.setattr(dgemma.assets, "TEXT_MODEL", random_default)  # as if dgemma/assets/text had shipped
+    r = run_cli("generate", "--prompt", "Why is the sky blue?", "--max-new-tokens", "8", "--steps", "2")
+    assert r.exit_code == 0, r.stderr
+    assert "Sudoku" not in r.stderr and "tokens/forward" in r.stderr
+    assert run_cli(*puzzle).stdout == board  # a puzzle still goes to the Sudoku model
+
+
+def _options(command, path=()):
+    import click
+
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from _options(sub, (*path, name))
+    else:
+        for p in command.params:
+            if isinstance(p, click.Option):
+                yield " ".join(path), p
+
+
+def test_every_option_has_help_and_none_is_stale():
+    missing = [f"{cmd} {p.opts[0]}" for cmd, p in _options(main) if not (p.help or "").strip()]
+    assert not missing, missing
+    help_text = run_cli("generate", "--help").stdout
+    assert "until a trained one ships" not in help_text and "retries" in run_cli("sudoku", "solve", "--help").stdout
+
+
+def test_random_checkpoint_command(tmp_path):
+    folder = tmp_path / "rnd"
+    r = run_cli("random-checkpoint", str(folder), "--seed", "3")
+    assert r.exit_code == 0, r.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in folder.iterdir()}
+    out = run_cli("generate", "--model", str(folder), "--prompt", "hi", "--max-new-tokens", "8", "--steps", "2")
+    assert out.exit_code == 0, out.stderr
+    one_line_error(run_cli("random-checkpoint", str(folder)), str(folder), "--force")
+    assert run_cli("random-checkpoint", str(folder), "--force").exit_code == 0
+
+
+@pytest.mark.parametrize("port", ["99999", "0"])
+def test_serve_port_out_of_range_is_one_line(port):
+    one_line_error(run_cli("serve", "--port", port), "--port", "65535")
+
+
+def test_serve_port_in_use_is_one_line():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        one_line_error(run_cli("serve", "--port", str(port)), f"--port {port}", "cannot listen", "another --port")
+
+
+@pytest.mark.parametrize("args, module", [(["serve"], "fastapi"),
+                                          (["generate", "--prompt", "x", "--show-canvas"], "rich")])
+def test_the_serve_extra_missing_is_one_line(random_default, monkeypatch, args, module):
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    one_line_error(run_cli(*args, "--model", str(random_default)), module, "pip install 'dgemma[serve]'")
+
+
+def test_convert_of_a_hub_id_offline_fails_at_once(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    import dgemma.checkpoint
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    dgemma.checkpoint.hub_offline.cache_clear()
+    try:
+        started = time.perf_counter()
+        one_line_error(run_cli("convert", "dgemma-tests/not-in-any-cache", "--to", "mlx", "--bits", "4",
+                               "--dry-run"), "dgemma-tests/not-in-any-cache", "not in the local Hugging Face cache")
+        assert time.perf_counter() - started < 5
+        one_line_error(run_cli("generate", "--model", "dgemma-tests/not-in-any-cache", "--prompt", "x"),
+                       "not in the local Hugging Face cache")
+    finally:
+        dgemma.checkpoint.hub_offline.cache_clear()
+
+
+def test_convert_prints_its_report_once(random_default, tmp_path):
+    r = run_cli("convert", str(random_default), str(tmp_path / "out"), "--to", "hf", "--progress")
+    assert r.exit_code == 0, r.stderr
+    first = r.stdout.strip().splitlines()[0]
+    assert r.stdout.count(first) == 1, r.stdout
+
+
+def test_fp8_checkpoint_on_mlx_says_what_it_is(random_default, tmp_path):
+    pytest.importorskip("mlx.core")
+    fp8 = tmp_path / "fp8"
+    assert run_cli("convert", str(random_default), str(fp8), "--to", "cuda", "--quant", "fp8",
+                   "--no-progress").exit_code == 0
+    one_line_error(run_cli("generate", "--model", str(fp8), "--backend", "mlx", "--prompt", "x"),
+                   "FP8/int4 checkpoint", "--backend cuda", "--to mlx")

@@ -201,6 +201,10 @@ class MLXBackend(Backend):
 
     def _load_weights(self, model: DiffusionGemmaText, progress: bool) -> None:
         ckpt = self.checkpoint
+        if any(i.dtype.startswith("F8") or n.endswith("_packed") for n, i in ckpt.tensors.items()):
+            raise CheckpointError(f"{ckpt.path}: an FP8/int4 checkpoint for the PyTorch backend (dgemma convert --to "
+                                  "cuda or compressed-tensors); run it with --backend cuda, or convert it with "
+                                  "`dgemma convert SRC DST --to mlx [--bits 4]`")
         weights = self._read(progress)
         if any(k.endswith(".scales") for k in weights):
             block = ckpt.raw_config.get("quantization") or ckpt.raw_config.get("quantization_config") or {}
