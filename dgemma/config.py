@@ -283,3 +283,91 @@ def read_json(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The Gemma 4 vision tower (`vision_config`, model type gemma4_vision) and how its soft tokens enter the prompt.
+
+    `bidirectional` is the text config's `use_bidirectional_attention == "vision"`: the encoder then lets the tokens of
+    one image attend to each other both ways (the reference's `mm_token_type_ids` blocks); otherwise they are causal."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    patch_size: int
+    pooling_kernel_size: int
+    position_embedding_size: int
+    use_clipped_linears: bool
+    standardize: bool
+    output_dim: int  # the embedder's input width: `output_proj_dims` when present, else hidden_size
+    text_hidden_size: int
+    image_token_id: int
+    boi_token_id: int
+    eoi_token_id: int
+    bidirectional: bool
+    hidden_activation: str = "gelu_pytorch_tanh"
+
+    def rope_inv_freq(self):
+        """Axial RoPE inverse frequencies (numpy float32, head_dim // 4 of them) as the reference builds them: the
+        same frequencies rotate the x half and the y half of each head."""
+        import numpy as np
+
+        spatial = self.head_dim // 2
+        exps = np.arange(0, spatial, 2, dtype=np.float32) / np.float32(spatial)
+        return (1.0 / (np.float32(self.rope_theta) ** exps)).astype(np.float32)
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "config.json") -> "VisionConfig | None":
+        """None when the checkpoint has no vision tower (no `vision_config`)."""
+        vision = cfg.get("vision_config")
+        if not vision:
+            return None
+        if not isinstance(vision, dict):
+            raise ConfigError(f"{source}: vision_config must be an object")
+        if vision.get("model_type", "gemma4_vision") != "gemma4_vision":
+            raise ConfigError(f"{source}: vision_config.model_type is {vision.get('model_type')!r}; dgemma runs the "
+                              "Gemma 4 vision tower (gemma4_vision)")
+        text = cfg.get("text_config") or {}
+        act = vision.get("hidden_activation", "gelu_pytorch_tanh")
+        if act not in ("gelu_pytorch_tanh", "gelu"):
+            raise ConfigError(f"{source}: vision_config.hidden_activation {act!r} is not supported")
+        rope = vision.get("rope_parameters") or {}
+        # Class defaults of Gemma4VisionConfig: save_pretrained writes only what differs from them.
+        get = lambda key, default: default if vision.get(key) is None else vision[key]  # noqa: E731
+        try:
+            hidden = int(get("hidden_size", 768))
+            heads = int(get("num_attention_heads", 12))
+            out = cls(
+                hidden_size=hidden,
+                intermediate_size=int(get("intermediate_size", 3072)),
+                num_hidden_layers=int(get("num_hidden_layers", 16)),
+                num_attention_heads=heads,
+                num_key_value_heads=int(get("num_key_value_heads", 12)),
+                head_dim=int(get("head_dim", 64)),
+                rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+                rope_theta=float(rope.get("rope_theta", 100.0)),
+                patch_size=int(get("patch_size", 16)),
+                pooling_kernel_size=int(get("pooling_kernel_size", 3)),
+                position_embedding_size=int(get("position_embedding_size", 10 * 1024)),
+                use_clipped_linears=bool(get("use_clipped_linears", False)),
+                standardize=bool(get("standardize", False)),
+                output_dim=int(get("output_proj_dims", hidden)),
+                text_hidden_size=int(text.get("hidden_size") or 0),
+                image_token_id=int(cfg.get("image_token_id", 258_880)),
+                boi_token_id=int(cfg.get("boi_token_id", 255_999)),
+                eoi_token_id=int(cfg.get("eoi_token_id", 258_882)),
+                bidirectional=text.get("use_bidirectional_attention") == "vision",
+                hidden_activation=act,
+            )
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: vision_config: {e}") from None
+        if out.head_dim % 4 or out.num_attention_heads % out.num_key_value_heads:
+            raise ConfigError(f"{source}: vision_config: head_dim must be a multiple of 4 and the query heads a "
+                              "multiple of the key/value heads")
+        return out

@@ -66,6 +66,9 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(int(token_id))
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **extra: Any) -> str:
         if not self.chat_template:
@@ -79,6 +82,23 @@ class Tokenizer:
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **extra) -> list[int]:
         # The template writes the BOS text itself, so the tokenizer must not add it again.
         return self.encode(self.apply_chat_template(messages, add_generation_prompt, **extra), add_special_tokens=False)
+
+    def encode_chat_with_images(self, messages: list[dict[str, Any]], soft_tokens: list[int], *, image_token: str,
+                                boi_token: str, eoi_token: str, add_generation_prompt: bool = True,
+                                **extra) -> list[int]:
+        """Like encode_chat for messages whose image parts are {"type": "image"}: the i-th image token that the
+        template writes becomes boi + image_token x soft_tokens[i] + eoi, as transformers' Gemma4Processor lays it
+        out. A template that writes a different number of image tokens than there are images is an InputError."""
+        text = self.apply_chat_template(messages, add_generation_prompt, **extra)
+        pieces = text.split(image_token)
+        if len(pieces) - 1 != len(soft_tokens):
+            raise InputError(f"chat template: the prompt has {len(soft_tokens)} image(s) but the template placed "
+                             f"{len(pieces) - 1} image token(s) {image_token!r} (more images than it allows, or an "
+                             "image token typed in the text)")
+        out = [pieces[0]]
+        for n, rest in zip(soft_tokens, pieces[1:]):
+            out += [boi_token, image_token * n, eoi_token, rest]
+        return self.encode("".join(out), add_special_tokens=False)
 
 
 _ENV = None

@@ -145,6 +145,7 @@ def _jobs(n):
             for i in range(n)]
 
 
+@pytest.mark.slow
 def test_concurrent_requests_identical_to_solo_runs(model, exact_server):
     """32 requests at once, different prompts, lengths and seeds: each answer equals the request run alone (the
     library's Model.generate), nothing lost, duplicated or swapped, and they really ran together."""
@@ -251,6 +252,7 @@ def test_adaptive_stopping_is_per_request(model, exact_server):
 
 
 # -- disconnects ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_client_disconnect_frees_the_slot(model):
     with ServerThread(model, model_name=NAME, max_batch=1, batching="exact") as srv:
         body = {"model": NAME, "prompt": "long", "max_tokens": 32 * 100, "stream": True, "ignore_eos": True}

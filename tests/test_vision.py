@@ -1,0 +1,405 @@
+"""Images in the prompt against the reference: Gemma4ImageProcessor's preprocessing, the vision tower's features and
+the merged input embeddings of DiffusionGemma's encoder, on both backends; the chat layout of image tokens."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dgemma.checkpoint import Checkpoint
+from dgemma.config import VisionConfig
+from dgemma.errors import InputError
+from dgemma.vision import (ImageSettings, encode_image_chat, image_block_ids, open_image, preprocess,
+                           split_images)
+
+BOI, IMG, EOI = 264, 265, 266  # the extra special tokens the test tokenizer adds after its 8 + 256
+TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] | trim }}"
+    "{% elif item['type'] == 'image' %}{{ '<|image|>' }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+# -- the checkpoint ----------------------------------------------------------------------------------------------
+def make_vision_checkpoint(path: Path, seed: int = 0, **vision) -> Path:
+    """tests/reference.py's random checkpoint with its vision tower randomised too (the reference initialises it
+    near identity), image token ids inside the tiny vocabulary, image blocks bidirectional, and a tokenizer and chat
+    template that know the image tokens."""
+    import torch
+    from reference import make_checkpoint
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from dgemma.random_model import build_tokenizer_json
+
+    make_checkpoint(path, canvas_length=16, scale=0.5, seed=seed, use_bidirectional_attention="vision")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vision_config"].update(vision)
+    cfg.update(image_token_id=IMG, boi_token_id=BOI, eoi_token_id=EOI)
+    (path / "config.json").write_text(json.dumps(cfg))
+    from transformers import DiffusionGemmaForBlockDiffusion
+
+    model = DiffusionGemmaForBlockDiffusion.from_pretrained(path, dtype=torch.float32, ignore_mismatched_sizes=True)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "vision" not in name or "inv_freq" in name:
+                continue
+            if name.endswith(("input_min", "output_min")):
+                p.fill_(-1.5 - float(torch.rand((), generator=g)))
+            elif name.endswith(("input_max", "output_max")):
+                p.fill_(1.5 + float(torch.rand((), generator=g)))
+            elif name.endswith("std_bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            elif "position_embedding_table" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    model.save_pretrained(path)
+    tok = HFTokenizer.from_str(build_tokenizer_json())
+    tok.add_special_tokens(["<|image>", "<|image|>", "<image|>"])
+    assert [tok.token_to_id(t) for t in ("<|image>", "<|image|>", "<image|>")] == [BOI, IMG, EOI]
+    (path / "tokenizer.json").write_text(tok.to_str())
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>",
+                                                            "pad_token": "<pad>"}))
+    (path / "chat_template.jinja").write_text(TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vision_ckpt(ckpt_dir):
+    path = ckpt_dir / "vision"
+    if not (path / "chat_template.jinja").exists():
+        make_vision_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vision_ckpt_gqa(ckpt_dir):
+    """Two layers, grouped key/value heads, clipped linears and standardised output: every branch of the tower."""
+    path = ckpt_dir / "vision_gqa"
+    if not (path / "chat_template.jinja").exists():
+        make_vision_checkpoint(path, seed=3, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               use_clipped_linears=True, standardize=True)
+    return path
+
+
+# -- images ------------------------------------------------------------------------------------------------------
+def _noise(h, w, seed=0):
+    """A smooth random picture (noise alone would make bicubic resizing trivially comparable)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(x / 7.0 + c) * np.cos(y / 11.0 - c) for c in range(3)], -1) * 100 + 128
+    return np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _encoded(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _gallery():
+    """(name, what dgemma is given, what the reference processor is given) for images of many sizes and modes."""
+    rgba = np.concatenate([_noise(37, 900, 2), np.random.default_rng(3).integers(0, 256, (37, 900, 1), np.uint8)], -1)
+    pal = Image.fromarray(_noise(300, 200, 4)).convert("P", palette=Image.Palette.ADAPTIVE)
+    pal.info["transparency"] = 5
+    frames = [Image.fromarray(_noise(120, 160, s)) for s in (5, 6)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    items = [
+        ("rgb 480x640", Image.fromarray(_noise(480, 640))),
+        ("greyscale 1000x30", Image.fromarray(_noise(1000, 30, 1)).convert("L")),
+        ("rgba 37x900", Image.fromarray(rgba, "RGBA")),
+        ("palette+transparency 300x200", pal),
+        ("1-bit 50x70", Image.fromarray(_noise(50, 70, 7)).convert("1")),
+        ("LA 64x64", Image.fromarray(_noise(64, 64, 8)).convert("LA")),
+        ("cmyk jpeg 333x517", _encoded(Image.fromarray(_noise(333, 517, 9)).convert("CMYK"), "JPEG")),
+        ("webp 240x100", _encoded(Image.fromarray(_noise(240, 100, 10)), "WEBP", quality=90)),
+        ("gif first frame", gif.getvalue()),
+        ("png 3000x2000 (downscale)", _encoded(Image.fromarray(_noise(2000, 3000, 11)), "PNG")),
+        ("exact 768x768 (no resize)", Image.fromarray(_noise(768, 768, 12))),
+        ("tiny 5x7", Image.fromarray(_noise(7, 5, 13))),
+        ("numpy uint8 HxWx3", _noise(200, 333, 14)),
+        ("numpy greyscale HxW", _noise(90, 45, 15)[..., 0]),
+        ("numpy rgba", rgba[:, :400]),
+    ]
+    out = []
+    for name, src in items:
+        ref_input = open_image(src, name)  # decoded and upright; the processor takes it from there
+        if isinstance(ref_input, np.ndarray) and ref_input.ndim == 2:
+            ref_input = ref_input[..., None]  # the processor reads a bare [H, W] array as a batch of rows
+        out.append((name, src, ref_input))
+    return out
+
+
+@pytest.mark.parametrize("max_soft_tokens", [280, 70])
+def test_preprocessing_matches_gemma4_image_processor(max_soft_tokens):
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    ref = Gemma4ImageProcessorPil(max_soft_tokens=max_soft_tokens)
+    settings = ImageSettings(max_soft_tokens=max_soft_tokens)
+    gallery = _gallery()
+    assert len(gallery) >= 10
+    for name, src, ref_input in gallery:
+        expect = ref(ref_input, return_tensors="np")
+        mine = preprocess(src, settings, name)
+        pixels, positions = mine.padded(settings.max_patches)
+        assert np.array_equal(pixels, expect["pixel_values"][0]), name
+        assert np.array_equal(positions, expect["image_position_ids"][0]), name
+        assert mine.num_soft_tokens == expect["num_soft_tokens_per_image"][0], name
+
+
+def test_settings_from_checkpoint_files(tmp_path):
+    assert ImageSettings.from_folder(tmp_path) == ImageSettings()
+    (tmp_path / "processor_config.json").write_text(json.dumps(
+        {"image_processor": {"max_soft_tokens": 560, "patch_size": 16}, "image_seq_length": 560}))
+    assert ImageSettings.from_folder(tmp_path).max_soft_tokens == 560
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"max_soft_tokens": 140, "do_normalize": True,
+                                                                   "image_mean": [0.5] * 3, "image_std": 0.5}))
+    s = ImageSettings.from_folder(tmp_path)  # processor_config.json's block is read last
+    assert (s.max_soft_tokens, s.do_normalize, s.image_mean, s.image_std) == (560, True, (0.5,) * 3, (0.5,) * 3)
+    (tmp_path / "processor_config.json").unlink()
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    s = ImageSettings.from_folder(tmp_path)
+    ref = Gemma4ImageProcessorPil(max_soft_tokens=140, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    img = Image.fromarray(_noise(123, 456))
+    assert np.array_equal(preprocess(img, s).padded(s.max_patches)[0], ref(img, return_tensors="np")["pixel_values"][0])
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    from transformers.image_utils import load_image
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    img = Image.fromarray(_noise(100, 300))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif)
+    upright = open_image(path)
+    assert upright.size == (100, 300)  # width x height after the rotation
+    mine = preprocess(path, ImageSettings())
+    expect = Gemma4ImageProcessorPil()(load_image(str(path)), return_tensors="np")  # load_image applies EXIF too
+    assert np.array_equal(mine.padded(2520)[0], expect["pixel_values"][0])
+    assert mine.height > mine.width
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+
+
+def test_bad_images_give_one_clear_error(tmp_path):
+    s = ImageSettings()
+    with pytest.raises(InputError, match="nope.png: image file not found"):
+        preprocess(tmp_path / "nope.png", s)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(InputError, match="notes.txt: not a readable image"):
+        preprocess(text, s)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(_encoded(Image.fromarray(_noise(64, 64)), "PNG")[:300])
+    with pytest.raises(InputError, match="cut.png: not a readable image"):
+        preprocess(truncated, s)
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(30_000, 30_000))
+    with pytest.raises(InputError, match="bomb.png: too large an image"):
+        preprocess(bomb, s)
+    with pytest.raises(InputError, match=r"image 2 \(bytes\): not a readable image"):
+        preprocess(b"garbage", s, "image 2 (bytes)")
+    with pytest.raises(InputError, match="remote image URLs are not fetched"):
+        preprocess("https://example.com/cat.png", s)
+    with pytest.raises(InputError, match="an image array must be"):
+        preprocess(np.zeros((5, 5, 2), np.uint8), s)
+
+
+def test_data_url_equals_bytes():
+    import base64
+
+    raw = _encoded(Image.fromarray(_noise(50, 80)), "PNG")
+    url = "data:image/png;base64," + base64.b64encode(raw).decode()
+    a, b = preprocess(url, ImageSettings()), preprocess(raw, ImageSettings())
+    assert np.array_equal(a.patches, b.patches)
+
+
+# -- the chat layout ---------------------------------------------------------------------------------------------
+def test_chat_template_lays_out_image_tokens(vision_ckpt):
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    ck = Checkpoint(vision_ckpt)
+    tok, vision = ck.tokenizer(), VisionConfig.from_dict(ck.raw_config)
+    a, b = Image.fromarray(_noise(100, 200)), _noise(300, 90, 1)
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image", "image": a},
+                                             {"type": "text", "text": "and"},
+                                             {"type": "image_url", "image_url": {"url": b}}]}]
+    prompt = encode_image_chat(tok, vision, ImageSettings(), messages)
+    counts = Gemma4ImageProcessorPil()([a, b], return_tensors="np")["num_soft_tokens_per_image"]
+    assert [im.num_soft_tokens for im in prompt.images] == list(counts)
+    expect = tok.encode("<bos><start_of_turn>user\nCompare", add_special_tokens=False)
+    expect += [BOI] + [IMG] * counts[0] + [EOI] + tok.encode("and", add_special_tokens=False)
+    expect += [BOI] + [IMG] * counts[1] + [EOI] + tok.encode("<end_of_turn>\n<start_of_turn>model\n",
+                                                             add_special_tokens=False)
+    assert prompt.token_ids == expect
+    blocks = image_block_ids(prompt.token_ids, IMG)
+    assert set(blocks.tolist()) == {0, 1, 2} and (blocks == 1).sum() == counts[0] and (blocks == 2).sum() == counts[1]
+    # Text-only messages still go through the ordinary chat path.
+    plain = [{"role": "user", "content": "hi"}]
+    assert encode_image_chat(tok, vision, ImageSettings(), plain).token_ids == tok.encode_chat(plain)
+    assert split_images(plain) == (plain, [])
+
+
+def test_chat_template_errors(vision_ckpt, tmp_path):
+    ck = Checkpoint(vision_ckpt)
+    tok, vision = ck.tokenizer(), VisionConfig.from_dict(ck.raw_config)
+    img = {"type": "image", "image": _noise(40, 40)}
+    tok.chat_template = TEMPLATE.replace("{{ '<|image|>' }}", "")  # a template that drops images
+    with pytest.raises(InputError, match="1 image.* but the template placed 0 image token"):
+        encode_image_chat(tok, vision, ImageSettings(), [{"role": "user", "content": [img]}])
+    with pytest.raises(InputError, match="has no vision tower"):
+        encode_image_chat(tok, None, ImageSettings(), [{"role": "user", "content": [img]}])
+    with pytest.raises(InputError, match="missing.png: image file not found"):
+        encode_image_chat(tok, vision, ImageSettings(),
+                          [{"role": "user", "content": [{"type": "image", "url": str(tmp_path / "missing.png")}]}])
+    with pytest.raises(InputError, match="needs the image"):
+        encode_image_chat(tok, vision, ImageSettings(), [{"role": "user", "content": [{"type": "image"}]}])
+
+
+# -- the tower on both backends ----------------------------------------------------------------------------------
+def _reference_features(path, images, settings):
+    """The reference's get_image_features on the images padded into one batch: (tower output, embedded)."""
+    import torch
+    from reference import load_reference
+
+    model = load_reference(path)
+    pixels, positions = zip(*(im.padded(settings.max_patches) for im in images))
+    with torch.no_grad():
+        out = model.model.encoder.get_image_features(torch.from_numpy(np.stack(pixels)),
+                                                     torch.from_numpy(np.stack(positions)), return_dict=True)
+    return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+
+
+def _images(settings):
+    return [preprocess(Image.fromarray(_noise(h, w, s)), settings, f"{w}x{h}")
+            for h, w, s in ((100, 200, 0), (480, 300, 1), (64, 64, 2))]
+
+
+def _torch_tower(path):
+    import torch
+
+    from dgemma.backends.cuda.vision import load_vision_tower
+
+    ck = Checkpoint(path)
+    return load_vision_tower(ck, VisionConfig.from_dict(ck.raw_config), torch.device("cpu"), torch.float32)
+
+
+def _mlx_tower(path):
+    mx = pytest.importorskip("mlx.core")
+    from dgemma.backends.mlx.vision import load_vision_tower
+
+    ck = Checkpoint(path)
+    return load_vision_tower(ck, VisionConfig.from_dict(ck.raw_config), mx.float32)
+
+
+@pytest.mark.parametrize("which", ["vision_ckpt", "vision_ckpt_gqa"])
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_image_features_match_reference(request, which, backend):
+    path = request.getfixturevalue(which)
+    settings = ImageSettings(max_soft_tokens=70)
+    images = _images(settings)
+    ref_features, ref_embedded = _reference_features(path, images, settings)
+    if backend == "cuda":
+        import torch
+
+        tower = _torch_tower(path)
+        with torch.no_grad():
+            features = torch.cat([tower.features(im) for im in images]).numpy()
+            embedded = tower(images).numpy()
+    else:
+        tower = _mlx_tower(path)
+        import mlx.core as mx
+
+        features = np.array(mx.concatenate([tower.features(im) for im in images]))
+        embedded = np.array(tower(images))
+    assert features.shape == ref_features.shape == (sum(im.num_soft_tokens for im in images), 32)
+    assert rel(features, ref_features) < 1e-4
+    assert rel(embedded, ref_embedded) < 1e-4
+
+
+def _reference_merged(path, prompt, settings):
+    """The reference encoder's input embeddings (text embeddings with the image features scattered in), caught on
+    the way into its language model."""
+    import torch
+    from reference import load_reference
+
+    model = load_reference(path)
+    caught = {}
+
+    def hook(module, args, kwargs):
+        caught["embeds"] = kwargs["inputs_embeds"].clone()
+
+    model.model.encoder.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    pixels, positions = zip(*(im.padded(settings.max_patches) for im in prompt.images))
+    ids = torch.tensor([prompt.token_ids])
+    with torch.no_grad():
+        model.model.encoder(input_ids=ids, pixel_values=torch.from_numpy(np.stack(pixels)),
+                            image_position_ids=torch.from_numpy(np.stack(positions)),
+                            mm_token_type_ids=(ids == IMG).long())
+    return caught["embeds"].numpy()
+
+
+def _text_embeddings(ck, ids):
+    """The encoder's token embeddings (embedding row x sqrt(hidden), in float32 here), from the checkpoint."""
+    (_, table), = ck.iter_tensors("np", {"model.decoder.embed_tokens.weight"})
+    return table[ids] * np.float32(ck.config.hidden_size**0.5)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_merged_embeddings_match_reference(vision_ckpt, backend):
+    ck = Checkpoint(vision_ckpt)
+    settings = ImageSettings(max_soft_tokens=70)
+    a, b = Image.fromarray(_noise(100, 200)), Image.fromarray(_noise(300, 90, 1))
+    messages = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "vs"},
+                                             {"type": "image", "image": b}]}]
+    prompt = encode_image_chat(ck.tokenizer(), VisionConfig.from_dict(ck.raw_config), settings, messages)
+    expect = _reference_merged(vision_ckpt, prompt, settings)
+    ids = np.array([prompt.token_ids])
+    text = _text_embeddings(ck, ids)
+    if backend == "cuda":
+        import torch
+
+        from dgemma.backends.cuda.vision import merge_image_embeddings
+
+        tower = _torch_tower(vision_ckpt)
+        with torch.no_grad():
+            merged = merge_image_embeddings(torch.from_numpy(text), torch.from_numpy(ids), IMG,
+                                            tower(prompt.images)).numpy()
+    else:
+        import mlx.core as mx
+
+        from dgemma.backends.mlx.vision import merge_image_embeddings
+
+        tower = _mlx_tower(vision_ckpt)
+        merged = np.array(merge_image_embeddings(mx.array(text), ids, IMG, tower(prompt.images)))
+    assert merged.shape == expect.shape
+    assert rel(merged, expect) < 1e-4
+    assert not np.array_equal(merged, text)  # the images did land
