@@ -122,6 +122,7 @@ def test_a_checker_with_many_is_called_once_per_step_and_agrees(model):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
+@pytest.mark.slow
 def test_rows_that_stop_leave_the_batch_without_changing_any_row(tiny_ckpt, backend):
     """Rows stop at different passes (stop_when_valid on a checker that passes row r from its r-th pass on): the
     scheduler drops them from the batch (select_rows), and every row's tokens and passes are what the uncompacted

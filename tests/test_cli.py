@@ -30,6 +30,7 @@ def one_line_error(result, *fragments):
         assert f in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_generate_on_the_default_model_in_a_fresh_process(tmp_path):
     """The README's main command: no --model, the Sudoku model shipped in the package solves the puzzle."""
     env = dict(os.environ, DGEMMA_CACHE=str(tmp_path / "cache"))

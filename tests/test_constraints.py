@@ -21,6 +21,7 @@ def noises(model, seeds=(11, 12)):
     return [ScriptedNoise(s, model.backend.ops) for s in seeds]
 
 
+@pytest.mark.slow
 def test_a_checker_that_finds_nothing_changes_nothing(model):
     calls = []
 
@@ -62,6 +63,7 @@ def test_flagged_accepted_tokens_are_renoised(model):
     assert any(a[:, 3].any() for a in accepted), "position 3 was never accepted: the test would prove nothing"
 
 
+@pytest.mark.slow
 def test_retries_are_bounded_and_counted(model):
     always = lambda row, tokens: np.ones(tokens.shape, dtype=bool)  # noqa: E731 - nothing can satisfy it
     res = model.generate_batch(PROMPTS, noises=noises(model), checker=always, max_retries=2, **KW)

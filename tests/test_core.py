@@ -145,6 +145,7 @@ def _hub_cache(root: Path, repo: str, source: Path) -> None:
     (base / "refs" / "main").write_text(snap.name)
 
 
+@pytest.mark.slow
 def test_hub_id_resolves_offline_from_the_cache(tmp_path, random_default):
     _hub_cache(tmp_path / "hub", "acme/tiny-diffusiongemma", random_default)
     env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")

@@ -51,6 +51,7 @@ def test_both_backends_give_the_same_logits(models):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
+@pytest.mark.slow
 def test_solves_held_out_puzzles(models, backend):
     results = solve_puzzles(models[backend], PUZZLES, seed=0, constraints=True, max_retries=2)
     for r in results:
@@ -59,6 +60,7 @@ def test_solves_held_out_puzzles(models, backend):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
+@pytest.mark.slow
 def test_parallel_attempts_solve_what_one_attempt_does_not(models, backend):
     """Held-out medium puzzles: with 8 symmetric views side by side the shipped model solves all of these, in fewer
     passes than one attempt takes on those it fails (they run to the step limit)."""

@@ -68,6 +68,7 @@ def test_solve_json_and_file(sudoku_ckpt, tmp_path):
         assert 1 <= row["steps"] <= 3  # --no-constraints: no retries, at most --steps passes
 
 
+@pytest.mark.slow
 def test_generate_on_a_sudoku_model_prints_the_board(sudoku_ckpt):
     out = subprocess.run([sys.executable, "-m", "dgemma.cli", "generate", "--model", str(sudoku_ckpt),
                           "--prompt", PUZZLES[0], "--seed", "0"], capture_output=True, text=True)

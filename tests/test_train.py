@@ -174,6 +174,7 @@ def test_objective_is_the_documented_one(config, pairs):
     assert (plain - selfcond).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 def test_loss_goes_down_on_a_fixed_batch(config, pairs):
     torch.manual_seed(0)
     model = new_model(config, seed=0)
@@ -274,6 +275,7 @@ ARGS = ["--batch", "4", "--difficulty", "easy", "--pool", "16", "--eval-size", "
         "--hidden", "32", "--layers", "2", "--no-progress", "--device", "cpu", "--lr", "3e-3", "--warmup", "0"]
 
 
+@pytest.mark.slow
 def test_example_script_end_to_end_and_resume(tmp_path, capsys):
     script = _script()
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

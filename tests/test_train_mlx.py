@@ -144,6 +144,7 @@ def test_training_steps_equal_torch(config, pairs, monkeypatch):
     assert np.linalg.norm(moved_mlx - moved_torch) <= 1e-2 * np.linalg.norm(moved_torch)
 
 
+@pytest.mark.slow
 def test_train_steps_lower_the_loss(config, pairs):
     prompts, targets = batch(pairs, 4)
     model = mlx_train.new_model(config, seed=0)
@@ -341,6 +342,7 @@ def test_one_step_accuracy_scores_the_argmax(config, pairs):
                    "blank_acc": pytest.approx(ok[:, :40].mean())}
 
 
+@pytest.mark.slow
 def test_example_script_trains_and_resumes_on_mlx(tmp_path, capsys):
     """`examples/sudoku/train.py --backend mlx`: 2 steps then 2 resumed equal 4 straight; the export loads."""
     import importlib.util
