@@ -434,3 +434,21 @@ def test_generate_arguments():
         y: int
 
     assert spec_from_arguments(response_format=Point).schema()["required"] == ["x", "y"]
+
+
+def test_cli_flags(tmp_path):
+    from dgemma.structured import spec_from_flags
+
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object"}')
+    assert spec_from_flags() == (None, None)
+    spec, flag = spec_from_flags(json_schema=str(schema))
+    assert spec.schema() == {"type": "object"} and flag == f"--json-schema {schema}"
+    assert spec_from_flags(choices=["a", "b"])[0].value == ("a", "b") and spec_from_flags(regex="x")[1] == "--regex"
+    (tmp_path / "broken.json").write_text("{nope")
+    for kwargs, message in ((dict(json_schema=str(tmp_path / "missing.json")), "--json-schema .*missing.json: No such"),
+                            (dict(json_schema=str(tmp_path / "broken.json")), "--json-schema .*broken.json: not valid"),
+                            (dict(regex="a", choices=["b"]), "--regex and --choice"),
+                            (dict(choices=[""]), "--choice: must be")):
+        with pytest.raises(InputError, match=message):
+            spec_from_flags(**kwargs)

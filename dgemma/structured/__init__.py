@@ -36,7 +36,7 @@ write without a hand-written schema compiler.
 """
 
 from .grammar import Grammar, RowConstraint, compile
-from .spec import StructuredSpec, parse_tool_calls, spec_from_arguments, tool_call_schema
+from .spec import StructuredSpec, parse_tool_calls, spec_from_arguments, spec_from_flags, tool_call_schema
 
 __all__ = ["Grammar", "RowConstraint", "StructuredSpec", "compile", "parse_tool_calls", "spec_from_arguments",
-           "tool_call_schema"]
+           "spec_from_flags", "tool_call_schema"]

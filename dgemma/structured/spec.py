@@ -150,6 +150,42 @@ def spec_from_arguments(response_format=None, regex: str | None = None, choices=
     return StructuredSpec.json_schema(fmt)
 
 
+def spec_from_flags(json_schema: str | None = None, regex: str | None = None, choices=(),
+                    grammar: str | None = None) -> tuple[StructuredSpec | None, str | None]:
+    """(spec, the flag that gave it) for `dgemma generate --json-schema FILE | --regex R | --choice C ... |
+    --grammar FILE`; a file that cannot be read or parsed is an InputError naming the flag and the file."""
+    choices = tuple(choices or ())
+    given = [flag for flag, value in (("--json-schema", json_schema), ("--regex", regex),
+                                      ("--choice", choices or None), ("--grammar", grammar)) if value is not None]
+    if len(given) > 1:
+        raise InputError(f"{' and '.join(given)}: give one structured-output flag")
+    if not given:
+        return None, None
+    flag = given[0]
+    try:
+        if json_schema is not None:
+            return StructuredSpec.json_schema(_read_flag_file(flag, json_schema)), f"{flag} {json_schema}"
+        if grammar is not None:
+            return StructuredSpec.grammar(_read_flag_file(flag, grammar)), f"{flag} {grammar}"
+        if regex is not None:
+            return StructuredSpec.regex(regex), flag
+        return StructuredSpec.choices(list(choices)), flag
+    except InputError as e:
+        what = f"{flag} {json_schema if json_schema is not None else grammar}" if flag in ("--json-schema",
+                                                                                          "--grammar") else flag
+        raise InputError(f"{what}: {str(e).split(': ', 1)[-1]}") from None
+
+
+def _read_flag_file(flag: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f"{flag} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{flag} {path}: not UTF-8 text") from None
+
+
 def tool_call_schema(functions) -> dict:
     """The call object: {"name": <a declared function>, "arguments": <its parameters>} (one function: no anyOf)."""
     calls = [{"type": "object", "properties": {"name": {"const": name}, "arguments": _thaw(params)},
