@@ -24,10 +24,10 @@ class StructuredSpec:
     """One output constraint. `value` is the schema (frozen: see `schema()`) for json_schema, the pattern for regex, a
     tuple of strings for choices, Lark text (llguidance's CFG syntax,
     https://github.com/guidance-ai/llguidance/blob/main/docs/syntax.md) or GBNF (llama.cpp's) for grammar, and a
-    tuple of (name, parameters schema) for tool_call. `strict` is OpenAI's flag, kept for the record: strict or not, every keyword of a schema is
-    enforced, and one the engine cannot enforce (`not`, say) is an error rather than silently ignored, so an output
-    never breaks the schema it was asked for. `tool_choice` (tool_call): "auto" (text or one call), "required" (one
-    call of any declared function) or a function name (one call of that function)."""
+    tuple of (name, parameters schema) for tool_call. `strict` is OpenAI's flag, kept for the record: strict or not,
+    every keyword of a schema is enforced, and one the engine cannot enforce (`not`, say) is an error rather than
+    silently ignored, so an output never breaks the schema it was asked for. `tool_choice` (tool_call): "auto" (text
+    or one call), "required" (one call of any declared function) or a function name (one call of that function)."""
 
     kind: str
     value: Any = None
