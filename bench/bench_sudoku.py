@@ -4,10 +4,10 @@ backend, difficulty and sampler mode.
     python bench/bench_sudoku.py                                          # the shipped model, PyTorch and MLX, 100 each
     python bench/bench_sudoku.py --model runs/sudoku --backends cuda --n 32 --retries 2 --json bench-sudoku.json
 
-Puzzles: --n per difficulty (medium, hard) from `dgemma.sudoku.generate_dataset` at a fixed held-out seed (default
-HELD_OUT_SEED + 1 for medium, + 2 for hard), disjoint from the seeds examples/sudoku/train.py draws its pools (0..13)
-and its own evaluation sets (1_000_003..1_000_016) from; a --seed that would collide is refused. Puzzle i is sampled
-with seed --sample-seed + i in every mode and on every backend; every cell goes through `solve_puzzles`, --batch
+Puzzles: --n per difficulty (medium, hard) from `dgemma.tasks.sudoku.puzzles.generate_dataset` at a fixed held-out seed
+(default HELD_OUT_SEED + 1 for medium, + 2 for hard), disjoint from the seeds examples/sudoku/train.py draws its pools
+(0..13) and its own evaluation sets (1_000_003..1_000_016) from; a --seed that would collide is refused. Puzzle i is
+sampled with seed --sample-seed + i in every mode and on every backend; every cell goes through `solve_puzzles`, --batch
 puzzles per batch.
 
 Modes (the sampler settings are the checkpoint's generation_config in all of them):
@@ -46,8 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dgemma  # noqa: E402
 from dgemma.errors import BackendUnavailable, DgemmaError  # noqa: E402
-from dgemma import sudoku_task  # noqa: E402
-from dgemma.sudoku_task import HELD_OUT_SEED, VOCAB_SIZE, encode_prompt, solve_puzzles  # noqa: E402
+from dgemma.tasks.sudoku import task as sudoku_task  # noqa: E402
+from dgemma.tasks.sudoku.task import HELD_OUT_SEED, VOCAB_SIZE, encode_prompt, solve_puzzles  # noqa: E402
 
 GOAL_SOLVED = {"medium": 0.95, "hard": 0.80}
 GOAL_MEAN_STEPS = 12.0

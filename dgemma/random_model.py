@@ -1,6 +1,7 @@
 """A small random DiffusionGemma checkpoint written with numpy alone (no torch, no mlx), in exactly the layout
-transformers' save_pretrained writes. It is the default model until a trained one ships with the package, and the
-fixture the CLI tests run on. Its output is noise: it proves the pipeline, not the model."""
+transformers' save_pretrained writes: the fixture the CLI tests run on, the default model when the package ships none,
+and a model to try every command on (`dgemma random-checkpoint DIR`). Its output is noise: it proves the pipeline, not
+the model."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Sudoku model shipped inside the package (dgemma/assets/model): it is the default, it is small, it loads on both
+"""The Sudoku model shipped inside the package (dgemma/assets/sudoku): it is the default, it is small, it loads on both
 backends with the same logits, and it solves a fixed handful of held-out puzzles on each (`dgemma generate` with no
 --model on one of them: tests/test_cli.py). How well it solves in general is the benchmark's business
 (bench/bench_sudoku.py); the puzzles here are ones it solved when it was shipped, so a change that breaks the model,
@@ -13,8 +13,8 @@ from click.testing import CliRunner
 import dgemma
 from dgemma.assets import PACKAGED_MODEL, default_model_path
 from dgemma.cli import main
-from dgemma.sudoku import is_valid_solution
-from dgemma.sudoku_task import encode_prompt, held_out_puzzles, is_sudoku_model, solve_puzzles
+from dgemma.tasks.sudoku.puzzles import is_valid_solution
+from dgemma.tasks.sudoku.task import encode_prompt, held_out_puzzles, is_sudoku_model, solve_puzzles
 
 # Held-out puzzles with 55 givens (never seen in training) that the shipped model solved on both backends at sampling
 # seed 0 + i with constraint-aware sampling and 2 retries. The first is the README's main command

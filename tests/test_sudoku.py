@@ -1,4 +1,4 @@
-"""Tests for dgemma.sudoku: format, rule checker, solver, generator and datasets (pure Python, a few seconds)."""
+"""dgemma.tasks.sudoku.puzzles: format, rule checker, solver, generator and datasets (pure Python, a few seconds)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from dgemma import sudoku
+from dgemma.tasks.sudoku import puzzles as sudoku
 
 # Norvig's "hard1": hard for plain backtracking, one solution.
 HARD = "4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......"
@@ -324,7 +324,7 @@ def test_dataset_is_deterministic_and_independent_of_workers() -> None:
 
 
 def test_held_out_sets_by_difficulty_or_givens() -> None:
-    from dgemma.sudoku_task import HELD_OUT_SEED, held_out_puzzles, puzzle_band
+    from dgemma.tasks.sudoku.task import HELD_OUT_SEED, held_out_puzzles, puzzle_band
 
     assert held_out_puzzles("medium", 3) == sudoku.generate_dataset(3, "medium", seed=HELD_OUT_SEED + 1)
     fifty = held_out_puzzles("50", 3)
@@ -339,7 +339,7 @@ def test_held_out_sets_by_difficulty_or_givens() -> None:
 
 
 def test_symmetries_map_puzzles_to_equivalent_puzzles_and_back():
-    from dgemma.sudoku_task import puzzle_views
+    from dgemma.tasks.sudoku.task import puzzle_views
 
     pairs = sudoku.generate_dataset(6, "hard", seed=17)
     rng = np.random.default_rng(5)

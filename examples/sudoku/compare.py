@@ -5,7 +5,7 @@
     python examples/sudoku/compare.py --model runs/sudoku --n 4 --difficulties medium,hard --no-animate --show hard:2 \
         --out /tmp/cmp
 
-Puzzles: `--n` per difficulty (default: 50 givens, easy, medium) from `dgemma.sudoku_task.held_out_puzzles` at a
+Puzzles: `--n` per difficulty (default: 50 givens, easy, medium) from `dgemma.tasks.sudoku.task.held_out_puzzles` at a
 held-out seed (HELD_OUT_SEED + 0/1/2 for easy/medium/hard, + 100 + G for G givens), disjoint from the seeds
 examples/sudoku/train.py draws its pools (0..13) and held-out evaluation sets (1_000_003..1_000_016) from; a --seed
 that would collide is refused.
@@ -42,10 +42,11 @@ from typing import NoReturn
 import numpy as np
 
 import dgemma
-from dgemma import sudoku_task
+from dgemma.tasks.sudoku import task as sudoku_task
 from dgemma.errors import DgemmaError
-from dgemma.sudoku import is_valid_solution, parse, violations
-from dgemma.sudoku_task import HELD_OUT_SEED, VOCAB_SIZE, decode_board, encode_prompt, make_checker, write_tokenizer
+from dgemma.tasks.sudoku.puzzles import is_valid_solution, parse, violations
+from dgemma.tasks.sudoku.task import (HELD_OUT_SEED, VOCAB_SIZE, decode_board, encode_prompt, make_checker,
+                                      write_tokenizer)
 
 DIFFICULTIES = ("50", "easy", "medium")  # where the shipped model stands: it solves about half of medium, few hard
 

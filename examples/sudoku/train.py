@@ -5,12 +5,12 @@
     python examples/sudoku/train.py --out runs/lora --init runs/sudoku --lora-rank 8 --lr 1.5e-4 --difficulty hard
 
 Data: a pool of unique-solution puzzles per difficulty (`--pool EASY,MEDIUM,HARD`), each training example a random
-symmetry of one of them (`dgemma.sudoku.augment`: digit relabelling, band/row/stack/column permutations, transpose),
-so the model practically never sees the same example twice. `--difficulty curriculum` (the default) moves the mix
-from mostly easy to mostly medium and hard over the run; a name (easy, medium, hard) or LO,HI givens fixes it.
+symmetry of one of them (`dgemma.tasks.sudoku.puzzles.augment`: digit relabelling, band/row/stack/column permutations,
+transpose), so the model practically never sees the same example twice. `--difficulty curriculum` (the default) moves
+the mix from mostly easy to mostly medium and hard over the run; a name (easy, medium, hard) or LO,HI givens fixes it.
 
-Starts from a fresh random model of `dgemma.sudoku_task.sudoku_model_config()` (or `--init FOLDER`), writes a Hugging
-Face-layout checkpoint into --out (config.json, generation_config.json, model.safetensors with LoRA merged,
+Starts from a fresh random model of `dgemma.tasks.sudoku.task.sudoku_model_config()` (or `--init FOLDER`), writes a
+Hugging Face-layout checkpoint into --out (config.json, generation_config.json, model.safetensors with LoRA merged,
 tokenizer.json) that `dgemma.load(OUT)` runs on either backend, plus train_state.pt (resumable;
 train_state.safetensors with `--backend mlx`, the same recipe in MLX) and, with LoRA, the
 adapters alone in OUT/adapter/ (PEFT names).
@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from dgemma.tasks.sudoku.puzzles import augment, generate_dataset
+from dgemma.tasks.sudoku.task import (CANVAS_LENGTH, encode_batch, solve_rate, sudoku_generation_config,
+                                      sudoku_model_config, write_tokenizer)
 from dgemma.training import LORA_TARGETS
-from dgemma.sudoku import augment, generate_dataset
-from dgemma.sudoku_task import (CANVAS_LENGTH, encode_batch, solve_rate, sudoku_generation_config,
-                                sudoku_model_config, write_tokenizer)
 
 
 def parse_mix(text: str) -> tuple[np.ndarray, np.ndarray]:
