@@ -23,12 +23,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from dgemma.checkpoint import WEIGHTS_INDEX, Checkpoint, hub_file, resolve_model_path
 from dgemma.config import ModelConfig, read_json
 from dgemma.errors import CheckpointError, DgemmaError, InputError
 
 from .plan import (CHUNK_BYTES, DTYPE_ALIASES, FLOAT_ST, MAX_WORKERS, Action, Target, estimate_peak, logical_from_config,
-                   numel, optional_text_tensor, plan_conversion, text_shapes, vision_shapes)
+                   numel, optional_text_tensor, plan_conversion, resolve_target, text_shapes, vision_shapes)
 
 FORMATS = ("hf", "mlx", "cuda")
 MLX_BITS = (4, 8)
@@ -128,18 +130,18 @@ def make_target(to: str, bits=None, group_size=None, mixed=False, quant=None, dt
                 rest = None
             elif rest != "fp8":
                 raise InputError(f"--rest {rest!r} is not supported; choose fp8 or bf16")
-        g = 128 if group_size is None else group_size
-        if quant == "int4" and g not in GROUP_SIZES:
+        if quant == "int4" and group_size is not None and group_size not in GROUP_SIZES:
             raise InputError(f"--group-size {group_size!r} is not supported; choose 32, 64 or 128")
-        return Target("cuda", group_size=int(g) if quant == "int4" else 128, quant=quant, rest=rest, dtype=dtype)
+        g = int(group_size) if (quant == "int4" and group_size is not None) else None  # int4: None = fit the experts
+        return Target("cuda", group_size=g, quant=quant, rest=rest, dtype=dtype)
     return Target("hf", dtype=dtype)
 
 
 # -- dry run --------------------------------------------------------------------------------------------------------------
 DRY_RUN_CHOICES = [Target("hf", dtype="bfloat16"), Target("mlx", dtype="bfloat16"), Target("mlx", bits=8),
                    Target("mlx", bits=4), Target("mlx", bits=4, mixed=True), Target("cuda", quant="fp8"),
-                   Target("cuda", quant="int4", group_size=128),
-                   Target("cuda", quant="int4", group_size=128, rest="fp8")]
+                   Target("cuda", quant="int4", group_size=None),
+                   Target("cuda", quant="int4", group_size=None, rest="fp8")]
 
 
 def _read_config_only(src) -> tuple[dict, str]:
@@ -160,13 +162,14 @@ def dry_run_report(raw: dict, source: str, target: Target) -> ConvertReport:
     cfg = ModelConfig.from_dict(raw, source=source)
     dtype = cfg.dtype if cfg.dtype in FLOAT_ST else "bfloat16"
     infos = logical_from_config(cfg, dtype)
+    target = _resolved(target, infos)
     shapes = {i.name: i.shape for i in infos}
     text = sum(numel(s) for s in text_shapes(cfg).values())
     vision = sum(numel(s) for s in vision_shapes(raw).values())
     rep = ConvertReport(src=source, dst=None, target=target.describe(), dry_run=True, params=text + vision,
                         text_params=text, vision_params=vision)
     resolved = [t if t.dtype or t.to == "hf" or (t.to == "mlx" and not (t.bits or t.mixed)) else t for t in DRY_RUN_CHOICES]
-    choices = list(resolved)
+    choices = [_resolved(t, infos) for t in resolved]
     if target not in choices:
         choices.append(target)
     for t in choices:
@@ -194,6 +197,13 @@ def _check_paths(src: Path, dst: Path, force: bool) -> None:
         raise InputError(f"{dst}: already exists (pass --force to replace it)")
     if d.exists() and not d.is_dir():
         raise InputError(f"{dst}: exists and is not a folder")
+
+
+def _resolved(target: Target, infos) -> Target:
+    try:
+        return resolve_target(target, infos)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def _validate(source, cfg: ModelConfig) -> None:
@@ -253,14 +263,14 @@ def _workers() -> int:
 
 
 def _chunks(a: Action, t):
-    """(flat, [(r0, r1), ...], rows) for one action. Plain, mlx and int4 sources are cut into rows of their
+    """(flat, [(r0, r1), ...], rows) for one action. Plain, mlx, int4 and per-expert sources are cut into rows of their
     [-1, last dim] view (the quantizers work on the last axis, and every stored part has the same leading dims), so a
     chunk of experts is a few hundred rows, not a whole 16 MB expert; fp8 sources (whose scales may be block-wise) by
     dim 0. Chunks hold about CHUNK_BYTES of float32: the working set of a chunk stays in the CPU caches."""
     shape = t.shape
     if not shape:
         return False, [(None, None)], 1
-    flat = len(shape) >= 2 and t.kind in ("plain", "mlx", "int4")
+    flat = len(shape) >= 2 and t.kind in ("plain", "mlx", "int4", "experts")
     rows = numel(shape[:-1]) if flat else shape[0]
     row_elems = shape[-1] if flat else numel(shape[1:])
     step = max(1, CHUNK_BYTES // (4 * max(1, row_elems)))
@@ -289,6 +299,20 @@ def _compute(a: Action, t, source, r0, r1, flat: bool) -> list:
     return [_tensor_bytes(p) for p in pieces]
 
 
+def _write_rows(writer, tiles, rows: int, r0: int, data) -> None:
+    """A chunk's piece (rows r0... of one computed output, as bytes) into the outputs that tile those rows in order
+    (one output, or the per-expert linears of a packed expert tensor)."""
+    data = memoryview(data).cast("B") if len(data) else memoryview(b"")
+    per_tile = rows // len(tiles)
+    row_bytes = tiles[0].nbytes // per_tile if rows else len(data)
+    pos, row = 0, r0
+    while pos < len(data):
+        i, within = divmod(row, per_tile)
+        n = min(per_tile - within, (len(data) - pos) // row_bytes)
+        writer.write(tiles[i].name, within * row_bytes, data[pos:pos + n * row_bytes])
+        pos, row = pos + n * row_bytes, row + n
+
+
 def _run_actions(actions: list[Action], source, writer, bar, rep) -> None:
     """Convert every action, chunk by chunk: worker threads read and quantize up to 2 x workers chunks ahead while
     this thread writes finished chunks, in order, to their final offsets. torch runs single-threaded per op meanwhile
@@ -312,13 +336,12 @@ def _run_actions(actions: list[Action], source, writer, bar, rep) -> None:
         if kind == "chunk":
             r0, r1, rows, fut = rest
             pieces = fut.result()
-            for o, p in zip(a.outputs, pieces):
-                per_row = o.nbytes // rows if t.shape else o.nbytes
-                writer.write(o.name, (r0 or 0) * per_row, p)
+            for tiles, p in zip(a.piece_tiles(), pieces):
+                _write_rows(writer, tiles, rows, r0 or 0, p)
             bar.update(t.stored_bytes * ((r1 - r0) if t.shape else 1) // rows)
             return
-        if a.method == "int4":
-            writer.write(a.outputs[2].name, 0, _tensor_bytes(torch.tensor(list(t.shape), dtype=torch.int64)))
+        for name, values in a.constants.items():
+            writer.write(name, 0, np.asarray(values, dtype="<i8").tobytes())
         for o in a.outputs:
             writer.finish_tensor(o.name)
         rep.src_bytes += t.stored_bytes
@@ -356,8 +379,10 @@ def convert(src, dst=None, to: str = "hf", bits: int | None = None, group_size: 
     - "mlx": MLX layout (mlx-vlm names); `bits` 4|8 = affine quantization of every decoder linear and the experts
       (group_size 32|64|128, default 64); `mixed` = mlx-vlm's own 4-bit conversion: 8-bit (groups of 64)
       attention/dense MLPs/router/embedding, 4-bit experts and self-conditioning MLP in groups of group_size;
-    - "cuda": `quant` "fp8" (e4m3, per-output-channel scales; embedding and router stay float) or "int4" (experts
-      int4 in groups of group_size, default 128; the rest float, or FP8 with rest="fp8"); no quant = float copy.
+    - "cuda": compressed-tensors checkpoints (vLLM reads them): `quant` "fp8" (e4m3, per-output-channel scales;
+      embedding, router and self-conditioning MLP stay float) or "int4" (experts int4 in groups of group_size, by
+      default the largest of 128/64/32 that divides their input widths; the rest float, or FP8 with rest="fp8");
+      no quant = float copy.
 
     `dtype` (bfloat16/float16/float32) sets the float dtype of unquantized tensors and of MLX scales/biases (default:
     the source's). Raises DgemmaError subclasses (InputError, CheckpointError, ConfigError) with a one-line message.
@@ -383,6 +408,7 @@ def convert(src, dst=None, to: str = "hf", bits: int | None = None, group_size: 
     source = Source(ckpt)
     _validate(source, ckpt.config)
     names = sorted(source.tensors, key=lambda n: (str(source.file_of(source.tensors[n])), n))
+    target = _resolved(target, [source.tensors[n].info() for n in names])
     plan = plan_conversion([source.tensors[n].info() for n in names], target)
     out_dtype = target.dtype or source.logical_dtype
     rep = ConvertReport(src=str(src), dst=str(dst), target=target.describe(), source_format=source.format,

@@ -15,16 +15,21 @@ mlx    what mlx-vlm 0.7.10's DiffusionGemma `sanitize()` produces, so the folder
        block ({group_size, bits, mode: affine} plus `P: {group_size, bits}` for every module whose bits differ from the
        default) and its copy `quantization_config`. MLX needs the input dim to be a multiple of the group size: with
        group 128 the experts' down_proj (input 704) stays unquantized, as mlx-lm does (the dry run shows the cost).
-cuda   FP8: `X.weight` float8_e4m3fn + `X.weight_scale` float32 [out, 1] (compressed-tensors naming, per output
-       channel); packed experts in FP8: `...experts.gate_up_proj` float8 [E, 2I, H] + `..._scale` float32 [E, 2I, 1].
-       int4 experts: `...experts.gate_up_proj_packed` uint8 [E, 2I, H/2] (two per byte, low nibble first, q + 8),
-       `..._scale` bfloat16 [E, 2I, ceil(H/group)] (symmetric: w = (u - 8) * scale), `..._shape` int64 [3].
+cuda   compressed-tensors' own layout, what vLLM reads (its config.json `quantization_config`, quant_method
+       "compressed-tensors"). A quantized linear `P` (attention q/k/v/o, dense MLP gate/up/down; the self-conditioning
+       MLP, embedding and router stay float: vLLM's DiffusionGemma has no quantized module for them) stores, in FP8,
+       `P.weight` float8_e4m3fn + `P.weight_scale` float32 [out, 1] (per output channel; activations quantized per
+       token at run time: "float-quantized"). The packed experts are split into the per-expert linears
+       `...experts.E.{gate,up,down}_proj` that vLLM's Gemma 4 loader and llm-compressor use (gate = the first half of
+       gate_up_proj's rows), each stored like `P`; in int4 ("pack-quantized", W4A16) as `P.weight_packed` int32
+       [out, in / 8] (eight values per word, the first in the lowest bits, each q + 8), `P.weight_scale` bfloat16
+       [out, in / group] (symmetric: w = q * scale, q in [-8, 7]) and `P.weight_shape` int64 [2].
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dgemma.weights import is_optional, text_tensor_shapes
 
@@ -77,7 +82,7 @@ def module_path(name: str) -> str:
 class Target:
     to: str                       # hf | mlx | cuda
     bits: int | None = None       # mlx: 4 | 8 (default for quantized modules); None = plain float
-    group_size: int = 64
+    group_size: int | None = 64  # cuda int4: None until resolved (`resolve_target`)
     mixed: bool = False           # mlx: mlx-vlm's 4-bit layout (8-bit attention / dense MLPs / router / embedding)
     quant: str | None = None      # cuda: fp8 | int4
     rest: str | None = None       # cuda int4: None (float) | fp8 (the non-expert linears)
@@ -92,7 +97,8 @@ class Target:
             if self.quant == "fp8":
                 return "cuda fp8 (e4m3, per-channel scales)"
             if self.quant == "int4":
-                return f"cuda int4 experts (group {self.group_size}) + {'fp8' if self.rest == 'fp8' else 'float'} rest"
+                group = self.group_size or "auto"
+                return f"cuda int4 experts (group {group}) + {'fp8' if self.rest == 'fp8' else 'float'} rest"
             return "cuda (float)"
         return "hf (float)"
 
@@ -116,10 +122,16 @@ class Action:
     bits: int | None = None
     group_size: int | None = None
     out_dtype: str = "bfloat16"   # float dtype of copies / scales / biases
+    tiles: list[list[OutTensor]] | None = None  # per computed piece, the outputs that tile its rows ([-1, last dim]
+                                                # view) in order; None: one output per piece
+    constants: dict[str, tuple[int, ...]] = field(default_factory=dict)  # int64 outputs with fixed values
 
     @property
     def nbytes(self) -> int:
         return sum(o.nbytes for o in self.outputs)
+
+    def piece_tiles(self) -> list[list[OutTensor]]:
+        return self.tiles or [[o] for o in self.outputs if o.name not in self.constants]
 
 
 @dataclass
@@ -163,7 +175,6 @@ def plan_conversion(tensors: list[LogicalInfo], target: Target) -> Plan:
     quant_overrides: dict[str, dict] = {}
     default_bits = 4 if target.mixed else target.bits
     fp8_linears = target.to == "cuda" and (target.quant == "fp8" or (target.quant == "int4" and target.rest == "fp8"))
-    ignore: list[str] = []
     for t in tensors:
         out_dtype = target.dtype or (t.dtype if t.dtype in FLOAT_ST else "bfloat16")
         is_float = t.dtype in FLOAT_ST
@@ -186,20 +197,14 @@ def plan_conversion(tensors: list[LogicalInfo], target: Target) -> Plan:
                 continue
             plan.actions.append(Action(t.name, "copy", [OutTensor(name, keep_dtype, t.shape)], out_dtype=out_dtype))
         elif target.to == "cuda" and target.quant:
-            if r == "expert" and target.quant == "int4" and t.shape[-1] % 2 == 0:
-                lead, K = tuple(t.shape[:-1]), t.shape[-1]
-                outs = [OutTensor(t.name + "_packed", "U8", lead + (K // 2,)),
-                        OutTensor(t.name + "_scale", "BF16", lead + (-(-K // target.group_size),)),
-                        OutTensor(t.name + "_shape", "I64", (len(t.shape),))]
-                plan.actions.append(Action(t.name, "int4", outs, 4, target.group_size, out_dtype))
+            if r == "expert":
+                plan.actions.append(expert_action(t, target, out_dtype))
                 continue
-            if (r == "expert" and target.quant == "fp8") or (fp8_linears and r in ("attn", "mlp", "selfcond")):
+            if fp8_linears and r in ("attn", "mlp"):
                 outs = [OutTensor(t.name, "F8_E4M3", t.shape),
                         OutTensor(t.name + "_scale", "F32", tuple(t.shape[:-1]) + (1,))]
                 plan.actions.append(Action(t.name, "fp8", outs, 8, None, out_dtype))
                 continue
-            if r in ("embed", "router"):
-                ignore.append(module_path(t.name))
             plan.actions.append(Action(t.name, "copy", [OutTensor(t.name, keep_dtype, t.shape)], out_dtype=out_dtype))
         else:
             plan.actions.append(Action(t.name, "copy", [OutTensor(t.name, keep_dtype, t.shape)], out_dtype=out_dtype))
@@ -207,39 +212,94 @@ def plan_conversion(tensors: list[LogicalInfo], target: Target) -> Plan:
         plan.quantization = {"group_size": target.group_size, "bits": default_bits, "mode": "affine",
                              **quant_overrides}
     if target.to == "cuda" and target.quant:
-        plan.quantization_config = cuda_quantization_config(target, ignore)
+        plan.quantization_config = cuda_quantization_config(target)
     return plan
 
 
-def cuda_quantization_config(target: Target, ignore: list[str]) -> dict:
+def expert_linears(name: str, shape) -> list[tuple[str, int]]:
+    """The per-expert linears one packed expert tensor ([E, 2I, H] gate_up_proj or [E, H, I] down_proj) splits into,
+    in the order of its rows: (module name, rows)."""
+    base, which = name.rsplit(".", 1)
+    projs = ("gate_proj", "up_proj") if which == "gate_up_proj" else ("down_proj",)
+    rows = shape[1] // len(projs)
+    return [(f"{base}.{e}.{p}", rows) for e in range(shape[0]) for p in projs]
+
+
+def expert_action(t: LogicalInfo, target: Target, out_dtype: str) -> Action:
+    """A packed expert tensor as compressed-tensors' per-expert linears, FP8 or int4 (see the module docstring)."""
+    K = t.shape[-1]
+    weights, scales, constants = [], [], {}
+    for module, rows in expert_linears(t.name, t.shape):
+        if target.quant == "int4":
+            weights.append(OutTensor(module + ".weight_packed", "I32", (rows, K // 8)))
+            scales.append(OutTensor(module + ".weight_scale", "BF16", (rows, K // target.group_size)))
+            constants[module + ".weight_shape"] = (rows, K)
+        else:
+            weights.append(OutTensor(module + ".weight", "F8_E4M3", (rows, K)))
+            scales.append(OutTensor(module + ".weight_scale", "F32", (rows, 1)))
+    shapes = [OutTensor(n, "I64", (2,)) for n in constants]
+    outs = [o for group in zip(weights, scales, *([shapes] if shapes else [])) for o in group]
+    if target.quant == "int4":
+        return Action(t.name, "int4", outs, 4, target.group_size, out_dtype, [weights, scales], constants)
+    return Action(t.name, "fp8", outs, 8, None, out_dtype, [weights, scales])
+
+
+INT4_GROUPS = (128, 64, 32)
+
+
+def resolve_target(target: Target, tensors: list[LogicalInfo]) -> Target:
+    """`--quant int4`'s group size: compressed-tensors' pack-quantized format (what vLLM reads) has whole groups
+    only, so the group must divide every expert's input width. The one asked for is checked; without one, the largest
+    of 128 / 64 / 32 that fits (64 for the released model, whose experts' down_proj reads 704 values). ValueError
+    when none does."""
+    if target.to != "cuda" or target.quant != "int4":
+        return target
+    widths = sorted({t.shape[-1] for t in tensors if t.dtype in FLOAT_ST and role(t.name) == "expert"})
+    fits = [g for g in INT4_GROUPS if all(k % g == 0 for k in widths)]
+    if target.group_size:
+        bad = [k for k in widths if k % target.group_size]
+        if bad:
+            hint = f"choose {' or '.join(map(str, fits))}" if fits else "no group size of 32, 64 or 128 fits"
+            raise ValueError(f"--group-size {target.group_size} does not divide the experts' input width {bad[0]} "
+                             f"(compressed-tensors and vLLM need whole groups): {hint}")
+        return target
+    if not fits:
+        raise ValueError(f"no int4 group size of 32, 64 or 128 divides the experts' input widths {widths}")
+    return replace(target, group_size=fits[0])
+
+
+# compressed-tensors targets (regular expressions over module names, matched by vLLM after its own renaming, hence
+# the leading `.*`): what each format quantizes. The self-conditioning MLP is no target: vLLM runs it as plain
+# nn.Linear layers, which take float weights only.
+FP8_LINEARS = [r"re:.*self_attn\.[qkvo]_proj$", r"re:.*mlp\.(gate|up|down)_proj$"]
+EXPERT_LINEARS = [r"re:.*experts\.\d+\.(gate|up|down)_proj$"]
+ALWAYS_FLOAT = ["lm_head", r"re:.*embed_tokens$", r"re:.*router.*", r"re:.*self_conditioning.*",
+                r"re:.*vision_tower.*", r"re:.*embed_vision.*"]
+FLOAT_LINEARS = [r"re:.*self_attn.*", r"re:.*mlp\.(gate|up|down)_proj$"]  # ignored when only the experts are int4
+
+
+def cuda_quantization_config(target: Target) -> dict:
+    """config.json's quantization_config: compressed-tensors' schema (validated by its QuantizationConfig in the
+    tests); vLLM picks its kernels from it."""
     fp8 = {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False}
     fp8_act = {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True, "dynamic": True}
+    int4 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": target.group_size, "symmetric": True,
+            "dynamic": False}
     groups: dict = {}
-    if target.quant == "fp8" or target.rest == "fp8":
-        targets = ["Linear"] + (["re:.*experts\\.(gate_up|down)_proj$"] if target.quant == "fp8" else [])
-        groups["group_0"] = {"targets": targets, "weights": fp8, "input_activations": fp8_act}
-    if target.quant == "int4":
-        groups["group_1"] = {"targets": ["re:.*experts\\.(gate_up|down)_proj$"],
-                             "weights": {"num_bits": 4, "type": "int", "strategy": "group", "symmetric": True,
-                                         "group_size": target.group_size, "dynamic": False},
-                             "input_activations": None}
-    fmt = "float-quantized" if target.quant == "fp8" else ("mixed-precision" if target.rest == "fp8" else "pack-quantized")
-    return {
-        "quant_method": "compressed-tensors",
-        "format": fmt,
-        "quantization_status": "compressed",
-        "config_groups": groups,
-        "ignore": sorted(set(ignore)) + ["re:model\\.encoder\\..*"],
-        # How dgemma lays out the tensors (the 3-D packed experts are not a compressed-tensors layout): read by
-        # dgemma.backends.cuda.quantized.
-        "dgemma_layout": {
-            "version": 1,
-            "fp8": "X float8_e4m3fn + X_scale float32 [..., rows, 1]; w = X * X_scale",
-            "int4": "X_packed uint8 [..., K/2] (low nibble = even index, value u = q + 8) + X_scale bfloat16 "
-                    "[..., ceil(K/group)] (the last group may be shorter) + X_shape int64; w = (u - 8) * X_scale",
-            "group_size": target.group_size if target.quant == "int4" else None,
-        },
-    }
+    if target.quant == "fp8":
+        groups["group_0"] = {"targets": FP8_LINEARS + EXPERT_LINEARS, "weights": fp8, "input_activations": fp8_act,
+                             "format": "float-quantized"}
+    else:
+        if target.rest == "fp8":
+            groups["group_0"] = {"targets": FP8_LINEARS, "weights": fp8, "input_activations": fp8_act,
+                                 "format": "float-quantized"}
+        groups["group_1"] = {"targets": EXPERT_LINEARS, "weights": int4, "input_activations": None,
+                             "format": "pack-quantized"}
+    fmt = {("fp8", None): "float-quantized", ("int4", None): "pack-quantized"}.get((target.quant, target.rest),
+                                                                                 "mixed-precision")
+    ignore = ALWAYS_FLOAT + ([] if target.quant == "fp8" or target.rest == "fp8" else FLOAT_LINEARS)
+    return {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
+            "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None}
 
 
 # -- logical tensors from config.json alone (dry run) ------------------------------------------------------------------

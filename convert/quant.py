@@ -1,15 +1,17 @@
 """Quantization kernels (PyTorch, CPU): MLX affine, FP8 e4m3 per output channel, symmetric group-wise int4.
 
 Every function works on the last axis of a float32 chunk of rows, so the converter can stream a tensor through them a
-few rows (or experts) at a time. The dequantizers are the exact inverses the loaders use (mlx: `scales * q + biases`;
-fp8: `q * scale`; int4: `(u - 8) * scale`).
+few rows (or experts) at a time. FP8 and int4 are dequantized by the PyTorch backend's loader
+(`dgemma.backends.cuda.quantized`: `q * scale`, `(u - 8) * scale`), the one copy of that math; MLX's affine format
+(`scales * q + biases`) only here, the MLX backend reading it with mx.dequantize.
 """
 
 from __future__ import annotations
 
 import torch
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
+from dgemma.backends.cuda.quantized import FP8_MAX
+
 INT4_LEVELS = 7.5  # compressed-tensors' symmetric int4 convention: scale = absmax / 7.5, q in [-8, 7]
 
 
@@ -85,35 +87,6 @@ def fp8_quantize(w: torch.Tensor, overwrite: bool = False):
     return q, scale
 
 
-def expand_scale(scale: torch.Tensor, shape: tuple[int, ...], start: int = 0, stop: int | None = None):
-    """Broadcast a stored scale onto rows [start:stop] (along dim 0) of a weight of `shape`: per tensor, per output
-    channel ([..., R, 1] or [..., R]), per group ([..., R, C/g]) or per 2-D block ([R/b0, C/b1])."""
-    stop = shape[0] if stop is None else stop
-    s = scale.float()
-    if s.numel() == 1:
-        return s.reshape([1] * len(shape))
-    C = shape[-1]
-    if s.ndim == len(shape) - 1 and tuple(s.shape) == tuple(shape[:-1]):
-        return s[start:stop].unsqueeze(-1)
-    if s.ndim == len(shape) and tuple(s.shape[:-1]) == tuple(shape[:-1]):
-        s = s[start:stop]
-        if s.shape[-1] == 1:
-            return s
-        rep = -(-C // s.shape[-1])
-        return s.repeat_interleave(rep, dim=-1)[..., :C]
-    if s.ndim == 2 and len(shape) == 2:  # block-wise
-        R = shape[0]
-        b0, b1 = -(-R // s.shape[0]), -(-C // s.shape[1])
-        rows = s.repeat_interleave(b0, dim=0)[start:stop]
-        return rows.repeat_interleave(b1, dim=1)[:, :C]
-    raise ValueError(f"cannot broadcast a scale of shape {tuple(scale.shape)} onto a weight of shape {shape}")
-
-
-def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, shape=None, start: int = 0, stop: int | None = None):
-    shape = tuple(shape or q.shape)
-    return q.float() * expand_scale(scale, shape, start, stop)
-
-
 # -- int4, symmetric, group-wise along the last axis, two per uint8 -------------------------------------------------
 def int4_quantize(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = torch.bfloat16, overwrite: bool = False):
     """(packed uint8 [..., K/2], scales [..., ceil(K/group_size)] in scale_dtype). Byte j holds element 2j in its low
@@ -136,22 +109,3 @@ def int4_quantize(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype = t
     u = wf[..., :K].to(torch.uint8).contiguous()
     del g, wf
     return _pack_nibbles(u), scale.squeeze(-1)
-
-
-def infer_group(K: int, n_groups: int) -> int:
-    """The group size when it was not recorded: K / n when that divides, else the power of two whose ceil fits."""
-    if K % n_groups == 0:
-        return K // n_groups
-    for g in (16, 32, 64, 128, 256, 512, 1024):
-        if -(-K // g) == n_groups:
-            return g
-    raise ValueError(f"no group size splits {K} values into {n_groups} groups")
-
-
-def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, group_size: int | None = None):
-    p = packed.to(torch.int16)
-    q = torch.stack([p & 0xF, p >> 4], dim=-1).reshape(*p.shape[:-1], -1).float() - 8.0
-    K = q.shape[-1]
-    g = group_size or infer_group(K, scale.shape[-1])
-    s = scale.float().repeat_interleave(g, dim=-1)[..., :K]
-    return q * s

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
-from dgemma.checkpoint import Checkpoint, TensorInfo
+from dgemma.backends.cuda.quantized import (EXPERT_SLICE, checkpoint_group_size, dequantize_fp8, dequantize_int4,
+                                            infer_group)
+from dgemma.checkpoint import Checkpoint, TensorInfo, _safetensors_header
 from dgemma.errors import CheckpointError
 
 from . import quant
@@ -30,21 +32,14 @@ for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64")):
         ST_TORCH[_code] = getattr(torch, _name)
 
 
-def _read_offsets(fd: int) -> dict[str, tuple[int, int]]:
-    """name -> absolute [begin, end) byte range of each tensor's data in a safetensors file."""
-    head = os.pread(fd, 8, 0)
-    if len(head) != 8:
-        raise ValueError("not a safetensors file (shorter than its header)")
-    n = int.from_bytes(head, "little")
-    if n > 100 << 20:
-        raise ValueError("not a safetensors file (header too large)")
-    raw = os.pread(fd, n, 8)
-    if len(raw) != n:
-        raise ValueError("not a safetensors file (truncated header)")
-    header = json.loads(raw)
-    base = 8 + n
-    return {k: (base + v["data_offsets"][0], base + v["data_offsets"][1])
-            for k, v in header.items() if k != "__metadata__"}
+def _read_offsets(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> absolute [begin, end) byte range of each tensor's data in a safetensors file, from the checkpoint's
+    header reader. The data section ends the file (the safetensors format leaves nothing after it, and its reader
+    rejects files whose tensors do not cover it exactly), so it starts at the file size minus the tensors' extent."""
+    header = _safetensors_header(path)
+    tensors = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
+    base = path.stat().st_size - max((int(end) for _, end in tensors.values()), default=0)
+    return {k: (base + int(begin), base + int(end)) for k, (begin, end) in tensors.items()}
 
 
 def _pread_exact(fd: int, buf, offset: int) -> None:
@@ -61,11 +56,12 @@ class Logical:
     name: str
     shape: tuple[int, ...]
     dtype: str                       # float dtype name (or safetensors code of a non-float tensor)
-    kind: str                        # plain | mlx | fp8 | int4
+    kind: str                        # plain | mlx | fp8 | int4 | experts (per-expert slices, each one of the others)
     parts: dict[str, str]            # role -> stored tensor name
     bits: int | None = None
     group_size: int | None = None
     stored_bytes: int = 0
+    tiles: list["Logical"] = field(default_factory=list)  # experts: the slices tiling the [-1, last dim] rows
     _cache: dict = field(default_factory=dict, repr=False)
 
     def info(self) -> LogicalInfo:
@@ -97,7 +93,7 @@ class Source:
         if self.mlx_quant or any(n.endswith((".experts.gate_up_proj.weight", ".experts.down_proj.weight"))
                                  for n in self.stored):
             self.format = "mlx"
-        elif kinds & {"fp8", "int4"}:
+        elif kinds & {"fp8", "int4", "experts"}:
             self.format = "cuda"
         else:
             self.format = "hf"
@@ -138,7 +134,8 @@ class Source:
                                             "mlx", {"weight": w, "scales": n, "biases": b}, bits, group,
                                             self._size(w) + self._size(n) + self._size(b))
             used |= {w, n, b}
-        # int4 (dgemma layout): X_packed + X_scale [+ X_shape]
+        # int4: compressed-tensors' P.weight_packed (int32, 8 per word) or dgemma's earlier X_packed (uint8, 2 per
+        # byte: the same bytes) + scale [+ shape]
         for n in s:
             if not n.endswith("_packed") or n in used:
                 continue
@@ -146,9 +143,8 @@ class Source:
             sc = base + "_scale"
             if sc not in s:
                 raise CheckpointError(f"{s[n].file}: {n} has no {sc}")
-            K = s[n].shape[-1] * 2
-            layout = ((self.raw.get("quantization_config") or {}).get("dgemma_layout") or {})
-            group = int(layout.get("group_size") or quant.infer_group(K, s[sc].shape[-1]))
+            K = s[n].shape[-1] * (8 if s[n].dtype == "I32" else 2)
+            group = int(checkpoint_group_size(self.ckpt) or infer_group(K, s[sc].shape[-1]))
             parts = {"packed": n, "scale": sc}
             size = self._size(n) + self._size(sc)
             if base + "_shape" in s:
@@ -175,6 +171,33 @@ class Source:
             logical = n[: -len(".weight")] if n.endswith((".experts.gate_up_proj.weight", ".experts.down_proj.weight")) else n
             dtype = ST_FLOAT.get(info.dtype, info.dtype)
             self.tensors[logical] = Logical(logical, tuple(info.shape), dtype, "plain", {"weight": n}, stored_bytes=self._size(n))
+        self._gather_experts()
+
+    def _gather_experts(self) -> None:
+        """Per-expert linears (`...experts.E.gate_proj.weight`, ..., compressed-tensors' layout of the packed experts)
+        become one logical `...experts.gate_up_proj` [E, 2I, H] / `down_proj` [E, H, I] whose rows they tile."""
+        found: dict[tuple[str, str], dict[tuple[int, str], Logical]] = {}
+        for name in list(self.tensors):
+            m = EXPERT_SLICE.match(name)
+            if m:
+                which = "down_proj" if m["proj"] == "down" else "gate_up_proj"
+                found.setdefault((m["base"], which), {})[(int(m["e"]), m["proj"])] = self.tensors.pop(name)
+        for (base, which), slices in found.items():
+            projs = ("down",) if which == "down_proj" else ("gate", "up")
+            order = [(e, p) for e in range(1 + max(e for e, _ in slices)) for p in projs]
+            missing = [k for k in order if k not in slices]
+            first = next(iter(slices.values()))
+            if missing:
+                raise CheckpointError(f"{self.file_of(first)}: {base}: expert {missing[0][0]} has no "
+                                      f"{missing[0][1]}_proj")
+            tiles = [slices[k] for k in order]
+            if len({t.shape for t in tiles}) != 1 or len(first.shape) != 2:
+                raise CheckpointError(f"{self.file_of(first)}: {base}: the experts' {which} slices differ in shape")
+            rows, K = first.shape
+            name = f"{base}.{which}"
+            self.tensors[name] = Logical(name, (len(order) // len(projs), rows * len(projs), K), first.dtype, "experts",
+                                         first.parts, first.bits, first.group_size,
+                                         sum(t.stored_bytes for t in tiles), tiles=tiles)
 
     # -- reading ---------------------------------------------------------------------------------------------------
     # Rows are read with os.preadv straight into a fresh tensor (no memory map: nothing but the chunk becomes resident,
@@ -188,8 +211,8 @@ class Source:
                 if fd is None:
                     try:
                         fd = os.open(str(f), os.O_RDONLY)
-                        self._data_offsets[f] = _read_offsets(fd)
-                    except (OSError, ValueError) as e:
+                        self._data_offsets[f] = _read_offsets(f)
+                    except (OSError, ValueError, CheckpointError) as e:
                         if fd is not None:
                             os.close(fd)
                         raise CheckpointError(f"{f}: could not open ({e})") from None
@@ -282,14 +305,25 @@ class Source:
                 t._cache["scale"] = self.read_part(handles, t.parts["scale"])
             q = self.read_part(handles, t.parts["weight"], start, stop)
             try:
-                return quant.fp8_dequantize(q, t._cache["scale"], t.shape, start, stop)
+                return dequantize_fp8(q, t._cache["scale"], torch.float32, t.shape, start, stop)
             except ValueError as e:
                 raise CheckpointError(f"{self.stored[t.parts['scale']].file}: {t.name}: {e}") from None
         if t.kind == "int4":
             packed = self.read_part(handles, t.parts["packed"], start, stop, flat)
             scale = self.read_part(handles, t.parts["scale"], start, stop, flat)
-            return quant.int4_dequantize(packed, scale, t.group_size)
+            return dequantize_int4(packed, scale, torch.float32, group_size=t.group_size)
+        if t.kind == "experts":
+            return self._read_experts(t, handles, start, stop)
         raise AssertionError(t.kind)  # pragma: no cover
+
+    def _read_experts(self, t: Logical, handles: dict, start: int, stop: int) -> torch.Tensor:
+        """Rows [start:stop] of a gathered expert tensor's [-1, last dim] view, from the slices they fall in."""
+        rows = t.tiles[0].shape[0]
+        pieces = []
+        for i in range(start // rows, -(-stop // rows)):
+            a, b = max(start, i * rows) - i * rows, min(stop, (i + 1) * rows) - i * rows
+            pieces.append(self.read(t.tiles[i], handles, a, b, flat=t.tiles[i].kind != "fp8").float())
+        return torch.cat(pieces) if pieces else torch.empty(0, t.shape[-1])
 
     def file_of(self, t: Logical) -> Path:
         return self.stored[next(iter(t.parts.values()))].file

@@ -27,7 +27,7 @@ FORMATS = {  # name -> (convert kwargs, max weight error relative to each tensor
     "mlx-4bit-g32": (dict(to="mlx", bits=4, group_size=32), 0.15),
     "mlx-mixed": (dict(to="mlx", mixed=True), 0.15),
     "cuda-fp8": (dict(to="cuda", quant="fp8"), 0.05),
-    "cuda-int4": (dict(to="cuda", quant="int4"), 0.1),  # group 128 > K: one short group per row
+    "cuda-int4": (dict(to="cuda", quant="int4"), 0.1),  # group: the largest that divides K (32 here)
     "cuda-int4-fp8": (dict(to="cuda", quant="int4", group_size=32, rest="fp8"), 0.1),
 }
 LOGIT_TOL = ["cuda-fp8", "cuda-int4", "mlx-4bit"]

@@ -218,3 +218,149 @@ def test_untied_peft_adapter_is_refused(src, tmp_path):
     model = dgemma.load(src, backend="cuda")
     with pytest.raises(ValueError, match="different adapters in the encoder and the decoder"):
         recipe.load_lora(model.backend.model, tmp_path / "untied")
+
+
+# -- compressed-tensors (vLLM's reader of quantized checkpoints) -----------------------------------------------------
+CUDA_FORMATS = {"fp8": dict(quant="fp8"), "int4": dict(quant="int4"), "int4+fp8": dict(quant="int4", rest="fp8")}
+
+
+def expert_slices(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Packed experts as the per-expert linears compressed-tensors names (gate = the first half of gate_up's rows)."""
+    out = {}
+    for name, t in dense.items():
+        base, _, which = name.rpartition(".")
+        if which == "gate_up_proj" and base.endswith(".experts"):
+            half = t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{base}.{e}.gate_proj.weight"], out[f"{base}.{e}.up_proj.weight"] = t[e, :half], t[e, half:]
+        elif which == "down_proj" and base.endswith(".experts"):
+            out.update({f"{base}.{e}.down_proj.weight": t[e] for e in range(t.shape[0])})
+        else:
+            out[name] = t
+    return out
+
+
+@pytest.mark.parametrize("fmt", list(CUDA_FORMATS))
+def test_compressed_tensors_decompresses_dgemma_output(src, tmp_path, fmt):
+    """compressed-tensors recognises the checkpoint from config.json alone (its QuantizationConfig schema and its
+    model-free dequantizer, which also fails on any quantization parameter no config group claims) and decompresses
+    every tensor to dgemma's dequantized weights: FP8 bit for bit (float32 scales), int4 to bfloat16's rounding of
+    them (compressed-tensors multiplies in the scale's dtype, bfloat16; dgemma in float32)."""
+    ct = pytest.importorskip("compressed_tensors")
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+
+    from dgemma.backends.cuda.quantized import iter_dense_tensors
+    from dgemma.checkpoint import Checkpoint
+    from dgemma.convert import convert
+
+    dst = tmp_path / fmt
+    convert(src, dst, to="cuda", progress=False, **CUDA_FORMATS[fmt])
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    config = ct.QuantizationConfig.model_validate(qc)
+    assert config.quant_method == "compressed-tensors" and config.quantization_status == "compressed"
+    stored = load_all(dst)
+    theirs = CompressedTensorsDequantizer(dst, dtype=torch.float32).validate(dict(stored))
+    ours = expert_slices(dict(iter_dense_tensors(Checkpoint(dst), dtype=torch.float32)))
+    assert set(theirs) == set(ours)
+    quantized = [k for k in ours if k + "_scale" in stored or k + "_packed" in stored]
+    assert quantized and not any("self_conditioning" in k or "router" in k or "embed" in k for k in quantized)
+    assert fmt != "int4" or all(".experts." in k for k in quantized)
+    for k in ours:
+        want = ours[k]
+        if k + "_packed" in stored:  # int4
+            want = want.to(torch.bfloat16).float()
+        assert torch.equal(theirs[k].float(), want.float()), k
+    int4 = sum(k.endswith(".weight_packed") for k in stored)
+    fp8 = sum(stored[k].dtype == torch.float8_e4m3fn for k in stored)
+    print(f"\n{fmt}: {len(stored)} stored tensors, {fp8} FP8 and {int4} int4 linears decompressed by compressed-tensors "
+          f"{ct.__version__} equal dgemma's dequantization")
+    assert (fp8 > 0) == (fmt != "int4") and (int4 > 0) == fmt.startswith("int4")
+
+
+def gather_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of expert_slices: per-expert linears back into transformers' packed [E, 2I, H] / [E, H, I]."""
+    import re
+
+    out, slices = {}, {}
+    for name, t in tensors.items():
+        m = re.match(r"^(.+\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$", name)
+        if m:
+            slices.setdefault(m[1], {})[(int(m[2]), m[3])] = t
+        else:
+            out[name] = t
+    for base, parts in slices.items():
+        E = 1 + max(e for e, _ in parts)
+        out[base + ".gate_up_proj"] = torch.stack([torch.cat([parts[(e, "gate")], parts[(e, "up")]]) for e in range(E)])
+        out[base + ".down_proj"] = torch.stack([parts[(e, "down")] for e in range(E)])
+    return out
+
+
+THEIR_TARGETS = [r"re:.*self_attn\.[qkvo]_proj$", r"re:.*mlp\.(gate|up|down)_proj$",
+                 r"re:.*experts\.\d+\.(gate|up|down)_proj$"]
+
+
+def compress_with_compressed_tensors(src: Path, dst: Path, fmt: str) -> None:
+    """A checkpoint quantized by compressed-tensors itself, as llm-compressor lays one out for vLLM: its observers'
+    min/max -> calculate_qparams -> its compressor's compress() for every attention, dense-MLP and per-expert linear
+    (FP8 W8A8 per channel, or W4A16 int4 in groups of 32), its QuantizationConfig in config.json."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    from compressed_tensors.utils.match import match_name
+    from safetensors.torch import save_file
+
+    if fmt == "fp8":
+        weights = QuantizationArgs(num_bits=8, type="float", strategy="channel", symmetric=True)
+        acts = QuantizationArgs(num_bits=8, type="float", strategy="token", symmetric=True, dynamic=True)
+        compression = "float-quantized"
+    else:
+        weights = QuantizationArgs(num_bits=4, type="int", strategy="group", group_size=32, symmetric=True)
+        acts, compression = None, "pack-quantized"
+    scheme = QuantizationScheme(targets=THEIR_TARGETS, weights=weights, input_activations=acts)
+    compressor = BaseCompressor.get_value_from_registry(compression)
+    out = {}
+    for name, w in expert_slices(load_all(src)).items():
+        module = name.rpartition(".")[0]
+        if not name.endswith(".weight") or not any(match_name(module, t) for t in THEIR_TARGETS):
+            out[name] = w
+            continue
+        view = w.reshape(w.shape[0], -1, 32) if fmt == "int4" else w.unsqueeze(1)
+        scale, _ = calculate_qparams(view.amin(-1), view.amax(-1), weights)
+        out.update({f"{module}.{k}": v.contiguous() for k, v in compressor.compress({"weight": w, "weight_scale": scale},
+                                                                                    scheme).items()})
+    dst.mkdir()
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = QuantizationConfig(
+        config_groups={"group_0": scheme}, format=compression, quantization_status="compressed",
+        ignore=["lm_head", "re:.*vision_tower.*", "re:.*embed_vision.*"]).model_dump()
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_compressed_tensors_checkpoint_loads_in_dgemma(src, tmp_path, fmt):
+    """dgemma's PyTorch backend on a checkpoint compressed by compressed-tensors gives the logits that the reference
+    gives on the weights compressed-tensors' own dequantizer recovers from it (float32, 1e-4)."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+    from safetensors.torch import save_file
+
+    import dgemma
+    from reference import load_reference
+
+    theirs = tmp_path / f"ct-{fmt}"
+    compress_with_compressed_tensors(src, theirs, fmt)
+    dense = tmp_path / "dequantized"
+    dense.mkdir()
+    weights = CompressedTensorsDequantizer(theirs, dtype=torch.float32).validate(load_all(theirs))
+    save_file({k: v.contiguous() for k, v in gather_experts(weights).items()}, str(dense / "model.safetensors"),
+              metadata={"format": "pt"})
+    (dense / "config.json").write_text((src / "config.json").read_text())
+    model = dgemma.load(theirs, backend="cuda", dtype="float32")
+    assert model.backend.quantized, "nothing stayed quantized"
+    canvas, sc = _inputs(model.config.vocab_size, model.config.canvas_length)
+    ours = dgemma_logits(model, canvas, sc)
+    want = reference_logits(load_reference(dense), canvas, sc)
+    plain = reference_logits(load_reference(src), canvas, sc)
+    assert np.abs(want - plain).max() > 0  # the weights were quantized
+    assert_close(ours, want)
