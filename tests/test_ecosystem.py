@@ -364,3 +364,48 @@ def test_compressed_tensors_checkpoint_loads_in_dgemma(src, tmp_path, fmt):
     plain = reference_logits(load_reference(src), canvas, sc)
     assert np.abs(want - plain).max() > 0  # the weights were quantized
     assert_close(ours, want)
+
+
+# -- vLLM: the printed command -----------------------------------------------------------------------------------------
+# Options of `vllm serve` this command may use, each from vLLM's own sources (cited in dgemma/vllm.py): its DiffusionGemma
+# recipe (--max-num-seqs, --generation-config, --gpu-memory-utilization) and its engine arguments.
+VLLM_SERVE_OPTIONS = {"--served-model-name", "--host", "--port", "--quantization", "--max-model-len", "--diffusion-config",
+                      "--max-num-seqs", "--generation-config", "--gpu-memory-utilization"}
+
+
+def _vllm_line(*args) -> tuple[int, list[str], str]:
+    from click.testing import CliRunner
+
+    from dgemma.cli import main
+
+    res = CliRunner().invoke(main, ["serve", *args, "--print-vllm-command"])
+    lines = [x for x in res.output.splitlines() if x.startswith("vllm ")]
+    return res.exit_code, (shlex.split(lines[0]) if lines else []), res.output
+
+
+def test_print_vllm_command_names_the_converted_checkpoint(src, tmp_path):
+    from dgemma.convert import convert
+
+    dst = tmp_path / "dg-fp8"
+    convert(src, dst, to="cuda", quant="fp8", progress=False)
+    code, argv, out = _vllm_line("--model", str(dst), "--port", "8001")
+    assert code == 0, out
+    assert argv[:3] == ["vllm", "serve", str(dst.resolve())]
+    opts = dict(zip(argv[3::2], argv[4::2]))
+    assert set(opts) <= VLLM_SERVE_OPTIONS and len(argv[3:]) == 2 * len(opts), argv
+    assert opts["--quantization"] == "compressed-tensors" and opts["--port"] == "8001"
+    assert json.loads(opts["--diffusion-config"]) == {"canvas_length": 16}
+    assert opts["--max-num-seqs"] == "4" and opts["--generation-config"] == "vllm"
+    code, argv, out = _vllm_line("--model", str(src))
+    assert code == 0 and argv[2] == str(src.resolve()) and "--quantization" not in argv
+    code, argv, out = _vllm_line("--model", "google/diffusiongemma-26B-A4B-it", "--max-batch", "2")
+    assert code == 0 and argv[2] == "google/diffusiongemma-26B-A4B-it" and "2" in argv
+
+
+def test_print_vllm_command_refuses_what_vllm_cannot_load(src, tmp_path):
+    from dgemma.convert import convert
+
+    dst = tmp_path / "dg-mlx"
+    convert(src, dst, to="mlx", bits=4, progress=False)
+    code, argv, out = _vllm_line("--model", str(dst))
+    assert code == 2 and not argv and out.strip().splitlines()[-1].startswith("error: ") and "MLX" in out
