@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +15,7 @@ from .backend import Backend, backend_class
 from .checkpoint import Checkpoint
 from .config import ModelConfig, SamplerSettings
 from .errors import InputError
-from .scheduler import BatchRun, attempt_seed, run_blocks
+from .engine import CanvasEvent, Engine, FailedEvent, Request, RequestResult, attempt_seed
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -34,6 +33,7 @@ class GenerationStats:
     retries: int = 0               # constraint-driven re-denoising rounds (checker / max_retries)
     attempts: int = 1              # parallel attempts at this request (each pass denoised that many canvases)
     chosen: bool = True            # with `groups`: whether this row's canvas is the one its group kept
+    cached_tokens: int = 0         # prompt tokens reused from a prompt cache (the server's)
 
     @property
     def tokens_per_second(self) -> float:
@@ -129,6 +129,10 @@ class Model:
         return self.sampler_defaults.updated(**overrides)
 
     # -- generation -------------------------------------------------------------------------------------------------
+    def engine(self, **options) -> Engine:
+        """A batch engine over this model (Engine(max_batch=, batching=, prompt_cache=)); the server keeps one."""
+        return Engine(self.backend, **options)
+
     def generate(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
                  checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False,
                  renoise: bool = True, on_step=None, **sampler: Any) -> Generation:
@@ -136,7 +140,7 @@ class Model:
         max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold,
         eos_token_ids, pad_token_id. `checker(row, canvas_tokens) -> bool mask` turns on constraint-aware sampling
         (violating tokens are re-noised; a finished canvas that still violates is re-denoised up to `max_retries`
-        times); `on_step(block, step, argmax, accepted)` sees every denoising pass (device arrays).
+        times); `on_step(block, step, argmax, accepted)` sees every denoising pass (device arrays [attempts, C]).
         `attempts=K` denoises K canvases of the prompt side by side, each with its own noise, in one batch; the
         first that passes the checker is kept (else the one the checker flags least). `stop_when_valid` ends a canvas
         as soon as it passes the checker (for a checker that verifies a whole answer). `renoise=False` keeps the
@@ -155,98 +159,107 @@ class Model:
         `groups` (one id per prompt, instead of `attempts`) makes prompts with the same id parallel attempts at one
         request that may be encoded differently (Sudoku's symmetric views); every prompt gets its Generation, and
         `stats.chosen` marks the one its group kept."""
-        if groups is not None and attempts != 1:
-            raise InputError("give either attempts or groups, not both")
-        run, settings, ids, started = self._start(prompts, seeds, chat, noises, sampler, attempts)
-        if groups is not None:
-            run["groups"] = list(groups)
-        for _ in run_blocks(self.backend, run["ids"], settings, run["noises"], run=run["batch"],
-                            checker=_per_prompt(checker, attempts), max_retries=max_retries, groups=run["groups"],
-                            stop_when_valid=stop_when_valid, renoise=renoise, on_step=on_step):
+        requests, order = self._requests(prompts, seeds, chat, noises, sampler, attempts, groups, checker=checker,
+                                         max_retries=max_retries, stop_when_valid=stop_when_valid, renoise=renoise,
+                                         on_step=on_step)
+        engine = Engine(self.backend)
+        handles = engine.submit_group(requests)
+        for _ in engine.run(handles):
             pass
-        out = self._results(run["batch"], settings, run["ids"], time.perf_counter() - started, attempts)[::attempts]
-        if groups is not None:
-            sizes = Counter(groups)
-            for g, gen in zip(groups, out):
-                gen.stats.attempts = sizes[g]
-        return out
+        _raise_failure(handles)
+        results = [None] * sum(len(m) for m in order)
+        for handle, members in zip(handles, order):
+            res = handle.result
+            for i, r in zip(members, res.views if res.views else [res]):
+                results[i] = r
+        _pad_to_batch(results, self.config.canvas_length, requests[0].settings.pad_token_id)
+        return [self._generation(r) for r in results]
 
     def stream(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
                checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False,
                renoise: bool = True, on_step=None, **sampler: Any) -> Iterator[CanvasChunk]:
         """Yield each committed canvas of one prompt's generation as it is finished."""
-        run, settings, _, _ = self._start([prompt], None if seed is None else [seed], chat,
-                                            None if noise is None else [noise], sampler, attempts)
-        produced = 0
-        text_so_far = ""
-        for ev in run_blocks(self.backend, run["ids"], settings, run["noises"], run=run["batch"],
-                             checker=_per_prompt(checker, attempts), max_retries=max_retries, groups=run["groups"],
-                             stop_when_valid=stop_when_valid, renoise=renoise, on_step=on_step):
-            toks = _visible(ev.tokens[0].tolist(), settings)[: max(0, settings.max_new_tokens - produced)]
+        requests, _ = self._requests([prompt], None if seed is None else [seed], chat,
+                                     None if noise is None else [noise], sampler, attempts, None, checker=checker,
+                                     max_retries=max_retries, stop_when_valid=stop_when_valid, renoise=renoise,
+                                     on_step=on_step)
+        settings = requests[0].settings
+        engine = Engine(self.backend)
+        handle = engine.submit(requests[0])
+        raw: list[int] = []
+        produced, text_so_far = 0, ""
+        for ev in engine.run([handle]):
+            if isinstance(ev, FailedEvent):
+                raise ev.error
+            if not isinstance(ev, CanvasEvent):
+                continue
+            raw.extend(int(t) for t in ev.tokens)
+            toks = _visible(ev.tokens.tolist(), settings)[: max(0, settings.max_new_tokens - produced)]
             produced += len(toks)
             chunk_text = ""
             if self.tokenizer is not None:
-                full = self.tokenizer.decode(_visible(run["batch"].raw_tokens(0), settings)[:settings.max_new_tokens])
+                full = self.tokenizer.decode(_visible(raw, settings)[: settings.max_new_tokens])
                 chunk_text, text_so_far = full[len(text_so_far):], full
-            yield CanvasChunk(ev.block, chunk_text, toks, ev.steps[0], ev.finished[0])
+            yield CanvasChunk(ev.block, chunk_text, toks, ev.steps, ev.finished)
 
-    def _start(self, prompts, seeds, chat, noises, sampler, attempts: int = 1):
+    def _requests(self, prompts, seeds, chat, noises, sampler, attempts, groups, **options):
+        """The engine requests of one call, and which prompts each one answers."""
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
             raise InputError("prompts must be a list")
         if not isinstance(attempts, int) or attempts < 1:
             raise InputError(f"attempts must be a whole number >= 1 (got {attempts!r})")
+        if groups is not None and attempts != 1:
+            raise InputError("give either attempts or groups, not both")
         settings = self.settings(**sampler)
         ids = [self.encode_prompt(p, chat) for p in prompts]
         if seeds is not None and len(seeds) != len(ids):
             raise InputError(f"{len(seeds)} seeds for {len(ids)} prompts")
         if noises is not None and attempts > 1:
             raise InputError("give seeds, not noise sources, with attempts > 1 (each attempt draws its own noise)")
-        if noises is None:
-            seeds = list(seeds) if seeds is not None else [secrets.randbits(63) for _ in ids]
-            noises = [self.backend.row_noise(attempt_seed(s, a)) for s in seeds for a in range(attempts)]
-        rows = [p for p in ids for _ in range(attempts)]
-        groups = [i for i in range(len(ids)) for _ in range(attempts)] if attempts > 1 else None
-        return ({"noises": noises, "ids": rows, "groups": groups, "batch": BatchRun([len(p) for p in rows])},
-                settings, ids, time.perf_counter())
+        if groups is not None and len(groups) != len(ids):
+            raise InputError(f"{len(groups)} group ids for {len(ids)} prompts")
+        if groups is not None and options.get("checker") is None:
+            raise InputError("parallel attempts and stop_when_valid need a checker to tell a right canvas")
+        seeds = list(seeds) if seeds is not None else [secrets.randbits(63) for _ in ids]
+        if groups is None:
+            reqs = [Request(p, settings, seed=seeds[i], noise=None if noises is None else noises[i],
+                            attempts=attempts, checker_rows=[i] * attempts, **options) for i, p in enumerate(ids)]
+            return reqs, [[i] for i in range(len(ids))]
+        members: dict = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        reqs = []
+        for g, idx in members.items():
+            rows_noise = [noises[i] if noises is not None else self.backend.row_noise(attempt_seed(seeds[i], 0))
+                          for i in idx]
+            reqs.append(Request(ids[idx[0]], settings, noise=rows_noise, views=[ids[i] for i in idx],
+                                checker_rows=idx, **options))
+        return reqs, list(members.values())
 
-    def _results(self, run: BatchRun, settings: SamplerSettings, ids, seconds: float,
-                 attempts: int = 1) -> list[Generation]:
-        """One Generation per batch row (rows of one group carry the same canvases and passes)."""
-        out = []
-        eos = set(settings.eos_token_ids)
-        for r in range(len(ids)):
-            raw = run.raw_tokens(r)
-            visible = _visible(raw, settings)
-            hit_eos = any(t in eos for t in raw)
-            toks = visible[: settings.max_new_tokens]
-            passes = int(run.decoder_passes[r])
-            non_pad = sum(1 for t in raw if t != settings.pad_token_id) if settings.pad_token_id is not None else len(raw)
-            steps = [ev.steps[r] for ev in run.canvases if ev.steps[r] > 0]
-            stats = GenerationStats(
-                prompt_tokens=len(ids[r]), generated_tokens=len(toks), canvases=len(steps), decoder_passes=passes,
-                steps_per_canvas=steps, tokens_per_forward=non_pad / passes if passes else 0.0,
-                finish_reason="eos" if hit_eos and len(visible) <= settings.max_new_tokens else "length",
-                seconds=seconds, retries=sum(ev.retries[r] for ev in run.canvases), attempts=attempts,
-                chosen=all(ev.chosen[r] for ev in run.canvases if ev.steps[r] > 0))
-            text = self.tokenizer.decode(toks) if self.tokenizer is not None else ""
-            out.append(Generation(text, toks, stats, raw))
-        return out
+    def _generation(self, r: RequestResult) -> Generation:
+        stats = GenerationStats(
+            prompt_tokens=r.prompt_tokens, generated_tokens=len(r.token_ids), canvases=len(r.steps_per_canvas),
+            decoder_passes=r.decoder_passes, steps_per_canvas=r.steps_per_canvas,
+            tokens_per_forward=r.tokens_per_forward, finish_reason=r.finish_reason, seconds=r.seconds,
+            retries=r.retries, attempts=r.attempts, chosen=r.chosen, cached_tokens=r.cached_tokens)
+        text = self.tokenizer.decode(r.token_ids) if self.tokenizer is not None else ""
+        return Generation(text, r.token_ids, stats, r.raw_token_ids)
 
 
-class _PerPrompt:
-    """A checker over the expanded batch (attempts rows per prompt) that calls the user's with the prompt's index."""
-
-    def __init__(self, checker, attempts: int):
-        self.checker, self.attempts = checker, attempts
-        if hasattr(checker, "many"):
-            self.many = lambda rows, tokens: checker.many(np.asarray(rows) // attempts, tokens)
-
-    def __call__(self, row, tokens):
-        return self.checker(row // self.attempts, tokens)
+def _pad_to_batch(results: list[RequestResult], canvas: int, pad_id) -> None:
+    """Raw tokens as the reference returns a batch: a row that finished early carries pad canvases until the last
+    row's end."""
+    if pad_id is None:
+        return
+    longest = max(len(r.raw_token_ids) for r in results)
+    for r in results:
+        r.raw_token_ids = r.raw_token_ids + [pad_id] * (longest - len(r.raw_token_ids))
 
 
-def _per_prompt(checker, attempts: int):
-    return checker if checker is None or attempts == 1 else _PerPrompt(checker, attempts)
+def _raise_failure(handles) -> None:
+    for h in handles:
+        if h.error is not None:
+            raise h.error
 
 
 def _visible(tokens: list[int], settings: SamplerSettings) -> list[int]:

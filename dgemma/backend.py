@@ -11,34 +11,56 @@ import importlib
 from abc import ABC, abstractmethod
 from typing import Any, Protocol
 
+import numpy as np
+
 from .config import ModelConfig
 from .errors import BackendUnavailable
 
 
-class ArrayOps(Protocol):
-    """Array primitives the core sampler needs. Arrays support + - * / and comparisons with scalars and arrays of the
-    same backend; every reduction here is over the last axis."""
+FLOAT32_MIN = float(np.finfo(np.float32).min)
 
-    def from_numpy(self, x) -> Any: ...
-    def to_numpy(self, x) -> Any: ...
-    def log_softmax(self, x) -> Any: ...                    # x - logsumexp(x)
-    def softmax(self, x) -> Any: ...
-    def sum(self, x) -> Any: ...
-    def mean(self, x) -> Any: ...
-    def argmax(self, x) -> Any: ...
-    def sort(self, x) -> tuple[Any, Any]: ...               # ascending values and their indices
-    def cumsum(self, x) -> Any: ...
-    def scatter(self, index, src) -> Any: ...               # out[..., index[..., j]] = src[..., j]
-    def where(self, cond, a, b) -> Any: ...
-    def clamp_min(self, x, value: float) -> Any: ...
-    def all_equal(self, a, b) -> Any: ...                   # per-row: all(a == b) over the last axis
-    def logical_and(self, a, b) -> Any: ...
-    def full(self, shape, value, like) -> Any: ...          # like: an array whose dtype/device to use
-    def stack_rows(self, rows: list) -> Any: ...            # [B] list of [C] arrays -> [B, C]
-    def sample_categorical(self, probs, uniforms) -> Any:   # inverse-CDF draw, one per row of probs
-        ...
-    # Optional: take_rows(x, rows) -> x[rows] along the first axis (rows: host int array). With it and
-    # Backend.select_rows the scheduler drops stopped rows from the batch.
+
+class ArrayOps:
+    """Array primitives the core sampler and engine need, on a backend's own arrays. Arrays support + - * / and
+    comparisons with scalars and arrays of the same backend; every reduction here is over the last axis.
+
+    A backend implements the abstract ones; the others have a portable definition here that a backend may replace
+    with a fused one (same values: the parity tests say so)."""
+
+    def from_numpy(self, x) -> Any: raise NotImplementedError
+    def to_numpy(self, x) -> Any: raise NotImplementedError
+    def log_softmax(self, x) -> Any: raise NotImplementedError    # x - logsumexp(x)
+    def softmax(self, x) -> Any: raise NotImplementedError
+    def sum(self, x) -> Any: raise NotImplementedError
+    def mean(self, x) -> Any: raise NotImplementedError
+    def argmax(self, x) -> Any: raise NotImplementedError
+    def sort(self, x) -> tuple[Any, Any]: raise NotImplementedError  # ascending values and their indices
+    def cumsum(self, x) -> Any: raise NotImplementedError
+    def scatter(self, index, src) -> Any: raise NotImplementedError  # out[..., index[..., j]] = src[..., j]
+    def where(self, cond, a, b) -> Any: raise NotImplementedError
+    def clamp_min(self, x, value: float) -> Any: raise NotImplementedError
+    def all_equal(self, a, b) -> Any: raise NotImplementedError      # per row: all(a == b) over the last axis
+    def logical_and(self, a, b) -> Any: raise NotImplementedError
+    def full(self, shape, value, like) -> Any: raise NotImplementedError  # like: whose dtype/device to use
+    def stack_rows(self, rows: list) -> Any: raise NotImplementedError    # list of [...] arrays -> [n, ...]
+    def take_rows(self, x, rows) -> Any: raise NotImplementedError       # x[rows] along the first axis
+    def sample_categorical(self, probs, uniforms) -> Any: raise NotImplementedError  # inverse-CDF, one per row
+    def top_k(self, x, k: int) -> Any: raise NotImplementedError         # indices of the k largest, best first
+    def mask_position(self, logits, row: int, pos: int, allowed) -> Any:  # logits[row, pos, ~allowed] = -inf
+        raise NotImplementedError
+
+    # -- optional fast paths, with their portable definitions ----------------------------------------------------
+    compiled_step = None  # MLX: the whole sampler step as one compiled graph (see sampler.denoise_step)
+
+    def entropy(self, log_probs, probs):
+        """Shannon entropy per position, as torch.distributions.Categorical computes it (clamped log-probs)."""
+        return -self.sum(self.clamp_min(log_probs, FLOAT32_MIN) * probs)
+
+    def tempered_log_softmax(self, logits, temperature):
+        """(processed, log_probs, probs) of logits the caller hands over (a backend may overwrite them)."""
+        processed = logits / temperature
+        log_probs = self.log_softmax(processed)
+        return processed, log_probs, self.softmax(log_probs)
 
 
 class RowNoise(Protocol):
@@ -49,35 +71,90 @@ class RowNoise(Protocol):
     def uniforms(self, block: int, step: int, n: int) -> Any: ...
 
 
+class BatchCache(Protocol):
+    """A backend's KV cache for a batch of rows (requests), preallocated and read in place. `layout`
+    (dgemma.kvlayout.RowLayout) is its host-side bookkeeping: per-row lengths and pad masks."""
+
+    layout: Any
+
+    @property
+    def rows(self) -> int: ...
+    def add_rows(self, count: int) -> slice: ...                        # new empty rows at the end
+    def take(self, order) -> None: ...                                  # keep rows `order`, in that order
+    def copy_rows_from(self, other, src: slice, dst: slice) -> None: ...  # rows of another cache of this model
+    def nbytes(self, rows: slice | None = None) -> int: ...
+
+
 class Backend(ABC):
-    """What a backend implements. `state` is whatever the backend keeps per batch (its KV cache)."""
+    """What a backend implements: weights on a device, a batch cache, the encoder and decoder passes over it, and
+    `ops` for the sampler. Rows of a cache are addressed by slices (contiguous ranges): passes read them in place."""
 
     name: str = "?"
     config: ModelConfig
     ops: ArrayOps
+    prefill_chunk: int = 256  # prompt tokens per encoder pass (the real canvas length): bounds a prefill's memory
 
     @abstractmethod
-    def prefill(self, token_ids, attention_mask=None) -> Any:
-        """Run the causal encoder over left-padded prompts [B, T] (mask: 1 = real token) and return the state."""
+    def new_cache(self) -> BatchCache:
+        """An empty batch cache."""
 
     @abstractmethod
-    def denoise(self, state, canvas_ids, self_conditioning_logits=None, *, self_conditioning_probs=None) -> Any:
-        """Bidirectional decoder over the canvas [B, C] reading the state; float32 logits [B, C, V] (soft-capped).
-        `self_conditioning_probs` is the softmax of the previous step's processed logits, when the caller already
-        has it (it saves one pass over B x C x V)."""
+    def prefill(self, token_ids, attention_mask=None, *, input_embeds=None, image_blocks=None) -> BatchCache:
+        """Run the causal encoder over left-padded prompts [B, T] (mask: 1 = real token), `prefill_chunk` tokens per
+        pass, into a new cache of B rows. `input_embeds` [B, T, hidden] replace the token embeddings (image
+        features); `image_blocks` [B, T] (0 text, b > 0 image b) make each image's tokens attend both ways."""
 
     @abstractmethod
-    def commit(self, state, canvas_ids) -> None:
-        """Run the encoder over a finished canvas [B, C], appending it to the state."""
+    def extend(self, cache, token_ids, rows: slice | None = None, attention_mask=None) -> None:
+        """Append tokens [k, T] to rows `rows` through the encoder (a prompt's remainder after a cached prefix)."""
+
+    @abstractmethod
+    def denoise_hidden(self, cache, canvas_ids, self_conditioning=None, *, rows: slice | None = None) -> Any:
+        """Bidirectional decoder over the canvases [k, C] of rows `rows`: the final-normed hidden states [k, C, H].
+        `self_conditioning` is the previous pass's soft embedding [k, C, H] (None: no previous pass)."""
+
+    @abstractmethod
+    def lm_logits(self, hidden) -> Any:
+        """Float32 soft-capped logits [..., V] of hidden states (the tied LM head)."""
+
+    @abstractmethod
+    def soft_embedding(self, probs) -> Any:
+        """softmax(processed logits) [k, C, V] @ embedding * sqrt(hidden): the next pass's self-conditioning."""
+
+    @abstractmethod
+    def denoise(self, state, canvas_ids, self_conditioning_logits=None, *, self_conditioning_probs=None,
+                self_conditioning=None, rows: slice | None = None) -> Any:
+        """Decoder logits [k, C, V] (float32, soft-capped). Self-conditioning as the previous step's processed
+        logits, their softmax, or the soft embedding (the cheapest, and what the engine keeps)."""
+
+    @abstractmethod
+    def commit(self, state, canvas_ids, rows: slice | None = None) -> None:
+        """Run the encoder over finished canvases [k, C] of rows `rows`, appending them to the cache."""
 
     @abstractmethod
     def row_noise(self, seed: int) -> RowNoise:
         """The backend's own device RNG for one request."""
 
-    def select_rows(self, state, rows) -> Any:  # pragma: no cover - optional
-        """A copy of `state` holding only batch rows `rows` (host int array), for the denoising passes of the rows
-        still running; the scheduler keeps committing to the full state."""
-        raise NotImplementedError
+    def select_rows(self, state, rows) -> BatchCache:
+        """A new cache holding copies of rows `rows` (host ints)."""
+        out = self.new_cache()
+        for r in np.asarray(rows, dtype=np.int64):
+            out.copy_rows_from(state, slice(int(r), int(r) + 1), out.add_rows(1))
+        return out
+
+    def prefill_chunks(self, length: int, image_blocks=None) -> list[tuple[int, int]]:
+        """[start, end) of each encoder pass of a prefill: `prefill_chunk` tokens, never splitting an image (whose
+        tokens must see each other in one pass); the same boundaries for any prompt, so that a cached prefix and a
+        fresh prefill compute the same numbers."""
+        bounds, a = [], 0
+        blocks = None if image_blocks is None else np.asarray(image_blocks).reshape(-1, length)
+        while a < length:
+            b = min(a + self.prefill_chunk, length)
+            while blocks is not None and b < length and ((blocks[:, b] > 0) & (blocks[:, b] == blocks[:, b - 1])).any():
+                b += 1  # inside an image: run on to its end
+            bounds.append((a, b))
+            a = b
+        return bounds
 
     def describe(self) -> str:
         return self.name

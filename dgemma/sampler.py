@@ -24,9 +24,7 @@ def temperature(steps_remaining: int, max_steps: int, t_min: float, t_max: float
 
 def entropy_from_log_probs(ops: ArrayOps, log_probs, probs):
     """Shannon entropy per position, computed as torch.distributions.Categorical does (clamped log-probs)."""
-    if hasattr(ops, "entropy"):  # a backend's fused version of the same formula
-        return ops.entropy(log_probs, probs)
-    return -ops.sum(ops.clamp_min(log_probs, FLOAT32_MIN) * probs)
+    return ops.entropy(log_probs, probs)
 
 
 def entropy_bound_accept(ops: ArrayOps, entropy, bound: float):
@@ -56,7 +54,7 @@ def denoise_step(ops: ArrayOps, logits, canvas, *, steps_remaining: int, max_ste
     `logits` (the scheduler passes the decoder's fresh output, which nothing else reads). A backend whose ops offer
     `compiled_step` (MLX: the whole step as one compiled graph) runs that instead of the op-by-op version."""
     t = temperature(steps_remaining, max_steps, t_min, t_max)
-    compiled = getattr(ops, "compiled_step", None)
+    compiled = ops.compiled_step
     if compiled is not None:
         return StepResult(*compiled(logits, canvas, t, entropy_bound, uniforms, renoise_tokens))
     return StepResult(*step_with_temperature(ops, logits, canvas, t, entropy_bound, uniforms, renoise_tokens,
@@ -66,7 +64,7 @@ def denoise_step(ops: ArrayOps, logits, canvas, *, steps_remaining: int, max_ste
 def step_with_temperature(ops: ArrayOps, logits, canvas, t, entropy_bound, uniforms, renoise_tokens,
                           owns_logits: bool = False) -> tuple:
     """The step's array program, for a given temperature (a float, or a 0-d array when traced by a compiler)."""
-    if owns_logits and hasattr(ops, "tempered_log_softmax"):
+    if owns_logits:
         processed, log_probs, probs = ops.tempered_log_softmax(logits, t)
     else:
         processed = logits / t

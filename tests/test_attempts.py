@@ -81,7 +81,7 @@ def test_attempts_of_one_prompt_continue_together_over_blocks(model):
                                attempts=3, on_step=on_step, **TWO_BLOCKS)
     one = model.generate_batch([PROMPT, PROMPT[3:]], seeds=[8, 9], checker=even_first, stop_when_valid=True,
                                attempts=3, **KW)
-    assert rows_per_block == {0: {6}, 1: {6}}
+    assert rows_per_block == {0: {3}, 1: {3}}  # on_step sees one request's rows: its 3 attempts, in both blocks
     for g, first in zip(two, one):
         assert g.raw_token_ids[:16] == first.raw_token_ids
         assert len(g.stats.steps_per_canvas) == 2 and g.stats.chosen
@@ -125,8 +125,8 @@ def test_a_checker_with_many_is_called_once_per_step_and_agrees(model):
 @pytest.mark.slow
 def test_rows_that_stop_leave_the_batch_without_changing_any_row(tiny_ckpt, backend):
     """Rows stop at different passes (stop_when_valid on a checker that passes row r from its r-th pass on): the
-    scheduler drops them from the batch (select_rows), and every row's tokens and passes are what the uncompacted
-    loop gives (an on_step hook turns compaction off)."""
+    engine drops them from the batch (later passes run over fewer rows), and every row's tokens and passes are what
+    it gives when run alone."""
     m = dgemma.load(tiny_ckpt, backend=backend)
     prompts = [PROMPT, PROMPT[2:], PROMPT[4:], PROMPT[6:]]
     passes = {}
@@ -135,20 +135,24 @@ def test_rows_that_stop_leave_the_batch_without_changing_any_row(tiny_ckpt, back
         passes[row] = passes.get(row, 0) + 1
         return np.full(tokens.shape, passes[row] <= 2 * row)
 
-    selected = []
-    original = m.backend.select_rows
-    m.backend.select_rows = lambda state, rows: selected.append(list(rows)) or original(state, rows)
+    widths = []
+    original = m.backend.denoise_hidden
+    m.backend.denoise_hidden = lambda cache, canvas, *a, **k: widths.append(canvas.shape[0]) or original(
+        cache, canvas, *a, **k)
     try:
-        compacted = m.generate_batch(prompts, seeds=[1, 2, 3, 4], checker=staggered, stop_when_valid=True, **KW)
-        passes.clear()
-        whole = m.generate_batch(prompts, seeds=[1, 2, 3, 4], checker=staggered, stop_when_valid=True,
-                                 on_step=lambda *a: None, **KW)
+        batched = m.generate_batch(prompts, seeds=[1, 2, 3, 4], checker=staggered, stop_when_valid=True, **KW)
     finally:
-        m.backend.select_rows = original
-    assert selected and selected[0] == [1, 2, 3], selected  # row 0 passed first and left the batch
-    assert [g.raw_token_ids for g in compacted] == [g.raw_token_ids for g in whole]
-    assert [g.stats.decoder_passes for g in compacted] == [g.stats.decoder_passes for g in whole]
-    assert len({g.stats.decoder_passes for g in whole}) > 1
+        m.backend.denoise_hidden = original
+    alone = []
+    for i, p in enumerate(prompts):
+        passes.clear()
+        passes.update({r: 0 for r in range(4)})
+        rowwise = lambda row, tokens, i=i: staggered(i, tokens)  # noqa: E731 - the row's own index
+        alone.append(m.generate(p, seed=i + 1, checker=rowwise, stop_when_valid=True, **KW))
+    assert widths[0] == 4 and min(widths) < 4 and widths == sorted(widths, reverse=True), widths
+    assert [g.token_ids for g in batched] == [g.token_ids for g in alone]
+    assert [g.stats.decoder_passes for g in batched] == [g.stats.decoder_passes for g in alone]
+    assert len({g.stats.decoder_passes for g in batched}) > 1
 
 
 def test_renoise_off_leaves_the_canvas_to_the_sampler(model):

@@ -6,18 +6,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dgemma.backend import Backend
+from dgemma.backend import ArrayOps, Backend
 from dgemma.checkpoint import Checkpoint
 from dgemma.errors import BackendUnavailable, CheckpointError, InputError
 
-from .model import DiffusionGemmaText, KVState, expected_shapes, sanitize
+from .cache import TorchBatchCache
+from .model import DiffusionGemmaText, expected_shapes, sanitize
 from .quantized import install_quantized_modules, quantization_kind
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
 
-class TorchOps:
+class TorchOps(ArrayOps):
     """The sampler's array primitives on torch tensors (reductions over the last dim)."""
 
     def __init__(self, device: torch.device):
@@ -81,6 +82,15 @@ class TorchOps:
 
     def take_rows(self, x, rows):
         return x.index_select(0, torch.as_tensor(np.asarray(rows), dtype=torch.long, device=x.device))
+
+    def top_k(self, x, k):
+        return torch.topk(x, min(k, x.shape[-1]), dim=-1).indices
+
+    def mask_position(self, logits, row, pos, allowed):
+        keep = torch.as_tensor(np.asarray(allowed, dtype=bool), device=logits.device)
+        with torch.inference_mode():
+            logits[row, pos].masked_fill_(~keep, float("-inf"))
+        return logits
 
     def full(self, shape, value, like):
         return torch.full(shape, value, device=like.device)
@@ -158,6 +168,7 @@ class TorchBackend(Backend):
         self._load_weights(model, progress)
         self.model = model.eval()
         self.ops = TorchOps(self.device)
+        self.pass_width = max(self.config.canvas_length, self.prefill_chunk)
 
     def _load_weights(self, model: DiffusionGemmaText, progress: bool) -> None:
         cfg = self.config
@@ -206,38 +217,67 @@ class TorchBackend(Backend):
             raise InputError(f"{what} holds a token id outside the vocabulary [0, {self.config.vocab_size})")
         return t.to(self.device, torch.long)
 
-    @torch.inference_mode()
-    def prefill(self, token_ids, attention_mask=None) -> KVState:
-        ids = self._ids(token_ids, "token_ids")
+    def _valid(self, attention_mask, ids: torch.Tensor) -> np.ndarray:
         if attention_mask is None:
-            valid = torch.ones_like(ids, dtype=torch.bool)
-        else:
-            valid = torch.as_tensor(np.asarray(attention_mask) if not isinstance(attention_mask, torch.Tensor)
-                                    else attention_mask).to(self.device).bool().reshape(ids.shape)
-        return self.model.encode(ids, valid, None)
+            return np.ones(tuple(ids.shape), dtype=bool)
+        m = attention_mask.detach().cpu().numpy() if isinstance(attention_mask, torch.Tensor) else attention_mask
+        return np.asarray(m).astype(bool).reshape(tuple(ids.shape))
 
     @torch.inference_mode()
-    def denoise(self, state: KVState, canvas_ids, self_conditioning_logits=None, *, self_conditioning_probs=None):
-        canvas = self._ids(canvas_ids, "canvas_ids")
+    def new_cache(self) -> TorchBatchCache:
+        return TorchBatchCache(self.config, self.device, self.dtype, self.pass_width)
+
+    @torch.inference_mode()
+    def prefill(self, token_ids, attention_mask=None, *, input_embeds=None, image_blocks=None) -> TorchBatchCache:
+        ids = self._ids(token_ids, "token_ids")
+        valid = self._valid(attention_mask, ids)
+        cache = self.new_cache()
+        rows = cache.add_rows(ids.shape[0])
+        for a, b in self.prefill_chunks(ids.shape[1], image_blocks):
+            embeds = None if input_embeds is None else torch.as_tensor(input_embeds)[:, a:b].to(self.device)
+            blocks = None if image_blocks is None else np.asarray(image_blocks)[:, a:b]
+            self.model.extend(cache, rows, ids[:, a:b], valid[:, a:b], embeds, blocks)
+        return cache
+
+    @torch.inference_mode()
+    def extend(self, cache: TorchBatchCache, token_ids, rows: slice | None = None, attention_mask=None) -> None:
+        ids = self._ids(token_ids, "token_ids")
+        rows = slice(0, cache.rows) if rows is None else rows
+        self.model.extend(cache, rows, ids, self._valid(attention_mask, ids))
+
+    def _soft(self, self_conditioning, self_conditioning_logits, self_conditioning_probs):
+        if self_conditioning is not None:
+            return self_conditioning
         probs = self_conditioning_probs
         if probs is None and self_conditioning_logits is not None:
             sc = torch.as_tensor(self_conditioning_logits).to(self.device)
             # The reference hands the decoder the logits cast to the embedding dtype, then softmaxes in float32.
             probs = torch.softmax(sc.to(self.dtype), dim=-1, dtype=torch.float32)
-        return self.model.decode(canvas, state, probs)
+        return None if probs is None else self.model.soft_embedding(probs)
 
     @torch.inference_mode()
-    def commit(self, state: KVState, canvas_ids) -> None:
+    def denoise_hidden(self, cache: TorchBatchCache, canvas_ids, self_conditioning=None, *, rows: slice | None = None):
         canvas = self._ids(canvas_ids, "canvas_ids")
-        new = self.model.encode(canvas, torch.ones_like(canvas, dtype=torch.bool), state)
-        state.keys, state.values, state.valid, state.length = new.keys, new.values, new.valid, new.length
-        state.has_padding = new.has_padding
+        rows = slice(0, cache.rows) if rows is None else rows
+        return self.model.decode_rows(cache, rows, canvas, self_conditioning)
 
-    def select_rows(self, state: KVState, rows) -> KVState:
-        """A copy of the cache holding only batch rows `rows` (the scheduler drops rows that stopped)."""
-        idx = torch.as_tensor(np.asarray(rows), dtype=torch.long, device=self.device)
-        return KVState([k.index_select(0, idx) for k in state.keys], [v.index_select(0, idx) for v in state.values],
-                       state.valid.index_select(0, idx), state.length, state.has_padding)
+    @torch.inference_mode()
+    def lm_logits(self, hidden):
+        return self.model.logits(hidden)
+
+    @torch.inference_mode()
+    def soft_embedding(self, probs):
+        return self.model.soft_embedding(probs)
+
+    @torch.inference_mode()
+    def denoise(self, state: TorchBatchCache, canvas_ids, self_conditioning_logits=None, *,
+                self_conditioning_probs=None, self_conditioning=None, rows: slice | None = None):
+        soft = self._soft(self_conditioning, self_conditioning_logits, self_conditioning_probs)
+        return self.model.logits(self.denoise_hidden(state, canvas_ids, soft, rows=rows))
+
+    @torch.inference_mode()
+    def commit(self, state: TorchBatchCache, canvas_ids, rows: slice | None = None) -> None:
+        self.extend(state, canvas_ids, rows)
 
     def row_noise(self, seed: int) -> TorchRowNoise:
         return TorchRowNoise(seed, self.device)

@@ -10,11 +10,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dgemma.config import LayerSpec, ModelConfig
+from dgemma.kvlayout import RowLayout, decode_layout, extend_layout
 from dgemma.weights import LAYER_NORMS, text_tensor_shapes
 
 
@@ -286,9 +288,12 @@ class DiffusionGemmaText(nn.Module):
         return F.embedding(ids, w) * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(w.dtype)
 
     def rope(self, positions: torch.Tensor, dtype):
+        """cos/sin tables for positions [T] (shared by the batch) or [B, T] (one row each)."""
+        p = positions.float()
+        p = p[None, :, None] if p.ndim == 1 else p[:, :, None]
         out = {}
         for key, inv in (("sliding", self.inv_freq_sliding), ("full", self.inv_freq_full)):
-            f = positions[None, :, None].float() * inv.float()[None, None, :]
+            f = p * inv.float()[None, None, :]
             emb = torch.cat((f, f), dim=-1)
             out[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return out
@@ -302,88 +307,119 @@ class DiffusionGemmaText(nn.Module):
             x = x.div_(cap).tanh_().mul_(cap) if inplace else torch.tanh(x / cap) * cap
         return x
 
-    # -- encoder: causal, writes the cache ---------------------------------------------------------------------
-    def encode(self, ids: torch.Tensor, valid: torch.Tensor, state: KVState | None, *,
-               cache_length: int | None = None, return_hidden: bool = False):
-        """Causal pass over ids [B, T] after `state`; returns the new state. Training options: `cache_length` keeps
-        only the first cache_length of the T new positions in the cache (causal attention makes a prefix's cache
-        independent of what follows it), and `return_hidden` also runs the last layer and returns
-        (state, final-normed hidden states [B, T, H])."""
-        B, T = ids.shape
-        dev = ids.device
-        start = 0 if state is None else state.length
-        cached = T if cache_length is None else cache_length
-        all_valid = valid if state is None else torch.cat([state.valid, valid], dim=1)
-        kept_valid = all_valid[:, :start + cached]
-        has_padding = (bool((~kept_valid).any().item()) if state is None
-                       else (state.has_padding or not bool(valid[:, :cached].all())))
-        x = self.embed(ids)
-        pos = torch.arange(start, start + T, device=dev)
-        tables = self.rope(pos, x.dtype)
-        keys, values = [], []
-        W = self.cfg.sliding_window
-        n = len(self.layers)
-        for i, layer in enumerate(self.layers):
-            spec = layer.spec
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            cos, sin = tables["sliding" if spec.sliding else "full"]
-            q, k, v = attn.project(h, cos, sin)
-            if state is not None:
-                k = torch.cat([state.keys[i], k], dim=2)
-                v = torch.cat([state.values[i], v], dim=2)
-            L = k.shape[2]
-            kpos = torch.arange(start + T - L, start + T, device=dev)
-            allowed = kpos[None, :] <= pos[:, None]
-            if spec.sliding:
-                allowed = allowed & (pos[:, None] - kpos[None, :] < W)
-            allowed = allowed[None, None] & all_valid[:, None, None, start + T - L:]
-            # Pad queries attend to themselves so no row of the mask is empty (an empty row would give NaN).
-            allowed = allowed | (kpos[None, :] == pos[:, None])[None, None]
-            end = L - (T - cached)
-            keep = min(end, W - 1) if spec.sliding else end
-            keys.append(k[:, :, end - keep:end].contiguous())
-            values.append(v[:, :, end - keep:end].contiguous())
-            if i == n - 1 and not return_hidden:
-                break  # the last layer's output feeds nothing the decoder reads: only its keys/values are kept
-            a = attn.attend(q, k, v, allowed)
-            x = x + layer.post_attention_layernorm(a)
-            x = layer.feed_forward(x, layer.encoder_layer_scalar)
-        new_state = KVState(keys, values, kept_valid, start + cached, has_padding)
-        return (new_state, self.norm(x)) if return_hidden else new_state
+    def soft_embedding(self, probs: torch.Tensor) -> torch.Tensor:
+        """softmax(previous processed logits) @ embedding * sqrt(hidden): the self-conditioning input, [B, C, H]."""
+        w = self.embed_tokens.weight
+        return torch.matmul(probs.to(w.dtype), w) * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(w.dtype)
 
-    # -- decoder: bidirectional over [cache ; canvas], reads the cache ----------------------------------------
-    def decode(self, canvas: torch.Tensor, state: KVState, sc_probs: torch.Tensor | None = None,
-               inplace_logits: bool = True) -> torch.Tensor:
-        B, C = canvas.shape
-        dev = canvas.device
+    def decoder_input(self, canvas: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
         x = self.embed(canvas)
-        sc = self.self_conditioning
-        if sc_probs is not None:
-            w = self.embed_tokens.weight
-            soft = torch.matmul(sc_probs.to(w.dtype), w) * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(x.dtype)
+        if soft is not None:
+            sc = self.self_conditioning
             s = sc.pre_norm(soft)
             x = x + sc.down_proj(gelu_tanh(sc.gate_proj(s)) * sc.up_proj(s))
         # With no previous logits the signal is exactly zero (MLP of a zero vector), so it is skipped.
-        x = rms_norm(x, None, self.cfg.rms_norm_eps)
-        pos = torch.arange(state.length, state.length + C, device=dev)
-        tables = self.rope(pos, x.dtype)
+        return rms_norm(x, None, self.cfg.rms_norm_eps)
+
+    def run_layers(self, x, tables, layer_kv, scalar: str, keys_only_last: bool):
+        """The layer stack. `layer_kv(i, k, v) -> (keys, values, mask)` says what layer i's queries attend to (and
+        stores the new keys/values where the caller keeps them). With `keys_only_last` the last layer stops after its
+        keys and values: the encoder's last output feeds nothing the decoder reads."""
+        n = len(self.layers)
         for i, layer in enumerate(self.layers):
-            spec = layer.spec
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            cos, sin = tables["sliding" if spec.sliding else "full"]
-            q, k, v = attn.project(h, cos, sin)
+            cos, sin = tables["sliding" if layer.spec.sliding else "full"]
+            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+            keys, values, mask = layer_kv(i, k, v)
+            if i == n - 1 and keys_only_last:
+                break
+            x = x + layer.post_attention_layernorm(attn.attend(q, keys, values, mask))
+            x = layer.feed_forward(x, getattr(layer, scalar))
+        return x
+
+    # -- inference over the backend's batch cache ---------------------------------------------------------------
+    def _row_positions(self, starts: np.ndarray, T: int) -> torch.Tensor:
+        dev = self.embed_tokens.weight.device
+        if (starts == starts[0]).all():
+            return torch.arange(int(starts[0]), int(starts[0]) + T, device=dev)
+        return torch.as_tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]
+
+    def extend(self, cache, rows: slice, ids: torch.Tensor, new_valid: np.ndarray,
+               input_embeds: torch.Tensor | None = None, image_blocks: np.ndarray | None = None) -> None:
+        """Causal encoder pass appending ids [k, T] to rows `rows` of the cache (a prompt chunk or a canvas)."""
+        lay = extend_layout(cache.layout, rows, new_valid, image_blocks)
+        cache.reserve(ids.shape[1], rows)
+        x = self.embed(ids) if input_embeds is None else input_embeds.to(self.embed_tokens.weight.dtype)
+        tables = self.rope(self._row_positions(lay.full_write, ids.shape[1]), x.dtype)
+        masks: dict = {}
+        self.run_layers(x, tables, lambda i, k, v: cache.extend_kv(i, rows, lay, k, v, masks),
+                        "encoder_layer_scalar", keys_only_last=True)
+        cache.finish_extend(rows, lay, new_valid)
+
+    def decode_rows(self, cache, rows: slice, canvas: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        """Bidirectional decoder over each row's cache and its canvas [k, C]; the final-normed hidden [k, C, H]."""
+        C = canvas.shape[1]
+        lay = decode_layout(cache.layout, rows, C)
+        cache.reserve(C, rows)
+        x = self.decoder_input(canvas, soft)
+        tables = self.rope(self._row_positions(lay.full_write, C), x.dtype)
+        masks: dict = {}
+        x = self.run_layers(x, tables, lambda i, k, v: cache.decode_kv(i, rows, lay, k, v, masks), "layer_scalar",
+                            keys_only_last=False)
+        return self.norm(x)
+
+    # -- the functional passes training differentiates through -------------------------------------------------
+    def encode(self, ids: torch.Tensor, valid: torch.Tensor, state: KVState | None = None, *,
+               cache_length: int | None = None, return_hidden: bool = False):
+        """Causal pass over a fresh batch ids [B, T] (`state` must be None: inference appends through the batch
+        cache, `extend`). `cache_length` keeps only the first cache_length positions in the returned state (causal
+        attention makes a prefix's cache independent of what follows it); `return_hidden` also runs the last layer
+        and returns (state, final-normed hidden states [B, T, H])."""
+        if state is not None:
+            raise ValueError("encode() starts a new state; append to a cache with extend()")
+        B, T = ids.shape
+        cached = T if cache_length is None else cache_length
+        valid_np = valid.detach().cpu().numpy().astype(bool)
+        lay = extend_layout(RowLayout(self.cfg.sliding_window, np.zeros(B, np.int64), np.zeros((B, 0), bool)),
+                            slice(0, B), valid_np)
+        x = self.embed(ids)
+        tables = self.rope(torch.arange(T, device=ids.device), x.dtype)
+        dev = ids.device
+        masks = {s: torch.as_tensor(m, device=dev)[:, None] for s, m in ((True, lay.sliding_mask),
+                                                                        (False, lay.full_mask))}
+        keys, values = [], []
+        W = self.cfg.sliding_window
+
+        def layer_kv(i, k, v):
+            sliding = self.layers[i].spec.sliding
+            keep = min(cached, W - 1) if sliding else cached
+            keys.append(k[:, :, cached - keep:cached].contiguous())
+            values.append(v[:, :, cached - keep:cached].contiguous())
+            return k, v, masks[sliding]
+
+        x = self.run_layers(x, tables, layer_kv, "encoder_layer_scalar", keys_only_last=not return_hidden)
+        kept_valid = valid[:, :cached]
+        state = KVState(keys, values, kept_valid, cached, bool((~valid_np[:, :cached]).any()))
+        return (state, self.norm(x)) if return_hidden else state
+
+    def decode(self, canvas: torch.Tensor, state: KVState, sc_probs: torch.Tensor | None = None,
+               inplace_logits: bool = True) -> torch.Tensor:
+        """Decoder over a functional state (training): logits [B, C, V]."""
+        B, C = canvas.shape
+        dev = canvas.device
+        x = self.decoder_input(canvas, None if sc_probs is None else self.soft_embedding(sc_probs))
+        tables = self.rope(torch.arange(state.length, state.length + C, device=dev), x.dtype)
+        masks: dict = {}  # by cache length: the pad mask over [cache ; canvas]
+
+        def layer_kv(i, k, v):
             ck, cv = state.keys[i], state.values[i]
-            k = torch.cat([ck, k], dim=2)
-            v = torch.cat([cv, v], dim=2)
-            mask = None
-            if state.has_padding:
-                kv = state.key_mask(ck.shape[2])
-                mask = torch.cat([kv, torch.ones(B, C, dtype=torch.bool, device=dev)], dim=1)[:, None, None, :]
-            a = attn.attend(q, k, v, mask)
-            x = x + layer.post_attention_layernorm(a)
-            x = layer.feed_forward(x, layer.layer_scalar)
+            L = ck.shape[2]
+            if state.has_padding and L not in masks:
+                masks[L] = torch.cat([state.key_mask(L), torch.ones(B, C, dtype=torch.bool, device=dev)],
+                                     dim=1)[:, None, None, :]
+            return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), masks.get(L)
+
+        x = self.run_layers(x, tables, layer_kv, "layer_scalar", keys_only_last=False)
         return self.logits(self.norm(x), inplace=inplace_logits)
 
 

@@ -13,12 +13,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from tqdm.auto import tqdm
 
-from dgemma.backend import Backend
+from dgemma.backend import ArrayOps, Backend
 from dgemma.checkpoint import Checkpoint
 from dgemma.errors import BackendUnavailable, CheckpointError, InputError
 
-from .model import (DiffusionGemmaText, KVState, infer_quant_params, normalize_quant_block, sanitize,
-                    sanitize_name)
+from .cache import MLXBatchCache
+from .model import DiffusionGemmaText, infer_quant_params, normalize_quant_block, sanitize, sanitize_name
 
 DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
           "float16": mx.float16, "fp16": mx.float16}
@@ -55,7 +55,7 @@ def _compile_step(ops):
     return run
 
 
-class MLXOps:
+class MLXOps(ArrayOps):
     """The sampler's array primitives on mx.arrays (reductions over the last axis), all lazy.
 
     Token ids handed to the backend as mx.arrays cannot be range-checked without an extra evaluation, so the backend
@@ -128,6 +128,15 @@ class MLXOps:
     def stack_rows(self, rows):
         return mx.stack(rows)
 
+    def top_k(self, x, k):
+        k = min(k, x.shape[-1])
+        return mx.argsort(-x, axis=-1)[..., :k]
+
+    def mask_position(self, logits, row, pos, allowed):
+        keep = mx.array(np.asarray(allowed, dtype=bool))
+        logits[row, pos] = mx.where(keep, logits[row, pos], -mx.inf)
+        return logits
+
     def take_rows(self, x, rows):
         return x[mx.array(np.asarray(rows, dtype=np.int32))]
 
@@ -184,6 +193,7 @@ class MLXBackend(Backend):
         self._load_weights(self.model, progress)
         self.model.eval()
         self.ops = MLXOps()
+        self.pass_width = max(self.config.canvas_length, self.prefill_chunk)
 
     # -- weights -------------------------------------------------------------------------------------------------------
     def _read(self, progress: bool) -> dict:
@@ -273,39 +283,59 @@ class MLXBackend(Backend):
             raise InputError(f"{what} holds a token id outside the vocabulary [0, {V})")
         return mx.array(a.astype(np.int32))
 
-    def prefill(self, token_ids, attention_mask=None) -> KVState:
-        ids = self._ids(token_ids, "token_ids")
+    def _valid(self, attention_mask, shape) -> np.ndarray:
         if attention_mask is None:
-            valid = np.ones(ids.shape, dtype=bool)
-        else:
-            m = attention_mask
-            m = np.array(m) if isinstance(m, mx.array) else (m.detach().cpu().numpy() if hasattr(m, "detach")
-                                                             else np.asarray(m))
-            valid = m.astype(bool).reshape(ids.shape)
-        return self.model.encode(ids, valid, None)
+            return np.ones(shape, dtype=bool)
+        m = attention_mask
+        m = np.array(m) if isinstance(m, mx.array) else (m.detach().cpu().numpy() if hasattr(m, "detach")
+                                                         else np.asarray(m))
+        return m.astype(bool).reshape(shape)
 
-    def denoise(self, state: KVState, canvas_ids, self_conditioning_logits=None, *, self_conditioning_probs=None):
+    def new_cache(self) -> MLXBatchCache:
+        return MLXBatchCache(self.config, self.model.dtype, self.pass_width)
+
+    def prefill(self, token_ids, attention_mask=None, *, input_embeds=None, image_blocks=None) -> MLXBatchCache:
+        ids = self._ids(token_ids, "token_ids")
+        valid = self._valid(attention_mask, tuple(ids.shape))
+        cache = self.new_cache()
+        rows = cache.add_rows(ids.shape[0])
+        for a, b in self.prefill_chunks(ids.shape[1], image_blocks):
+            embeds = None if input_embeds is None else mx.array(np.asarray(input_embeds)[:, a:b])
+            blocks = None if image_blocks is None else np.asarray(image_blocks)[:, a:b]
+            self.model.extend(cache, rows, ids[:, a:b], valid[:, a:b], embeds, blocks)
+        return cache
+
+    def extend(self, cache: MLXBatchCache, token_ids, rows: slice | None = None, attention_mask=None) -> None:
+        ids = self._ids(token_ids, "token_ids")
+        rows = slice(0, cache.rows) if rows is None else rows
+        self.model.extend(cache, rows, ids, self._valid(attention_mask, tuple(ids.shape)))
+
+    def denoise_hidden(self, cache: MLXBatchCache, canvas_ids, self_conditioning=None, *, rows: slice | None = None):
         canvas = self._ids(canvas_ids, "canvas_ids", defer=True)
-        probs = self_conditioning_probs
-        if probs is None and self_conditioning_logits is not None:
-            sc = self_conditioning_logits
-            sc = sc if isinstance(sc, mx.array) else mx.array(np.asarray(sc))
-            # The reference hands the decoder the logits cast to the embedding dtype, then softmaxes in float32.
-            probs = mx.softmax(sc.astype(self.model.dtype).astype(mx.float32), axis=-1)
-        return self.model.decode(canvas, state, probs)
+        rows = slice(0, cache.rows) if rows is None else rows
+        return self.model.decode_rows(cache, rows, canvas, self_conditioning)
 
-    def commit(self, state: KVState, canvas_ids) -> None:
-        canvas = self._ids(canvas_ids, "canvas_ids")
-        new = self.model.encode(canvas, np.ones(canvas.shape, dtype=bool), state)
-        state.keys, state.values, state.valid, state.length = new.keys, new.values, new.valid, new.length
-        state.has_padding = new.has_padding
+    def lm_logits(self, hidden):
+        return self.model.logits(hidden)
 
-    def select_rows(self, state: KVState, rows) -> KVState:
-        """A copy of the cache holding only batch rows `rows` (the scheduler drops rows that stopped)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        idx = mx.array(rows.astype(np.int32))
-        return KVState([k[idx] for k in state.keys], [v[idx] for v in state.values], state.valid[rows], state.length,
-                       state.has_padding)
+    def soft_embedding(self, probs):
+        return self.model.soft_embedding(probs)
+
+    def denoise(self, state: MLXBatchCache, canvas_ids, self_conditioning_logits=None, *,
+                self_conditioning_probs=None, self_conditioning=None, rows: slice | None = None):
+        soft = self_conditioning
+        if soft is None:
+            probs = self_conditioning_probs
+            if probs is None and self_conditioning_logits is not None:
+                sc = self_conditioning_logits
+                sc = sc if isinstance(sc, mx.array) else mx.array(np.asarray(sc))
+                # The reference hands the decoder the logits cast to the embedding dtype, then softmaxes in float32.
+                probs = mx.softmax(sc.astype(self.model.dtype).astype(mx.float32), axis=-1)
+            soft = None if probs is None else self.model.soft_embedding(probs)
+        return self.model.logits(self.denoise_hidden(state, canvas_ids, soft, rows=rows))
+
+    def commit(self, state: MLXBatchCache, canvas_ids, rows: slice | None = None) -> None:
+        self.extend(state, canvas_ids, rows)
 
     def row_noise(self, seed: int) -> MLXRowNoise:
         return MLXRowNoise(seed)

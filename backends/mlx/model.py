@@ -24,6 +24,7 @@ import mlx.nn as nn
 import numpy as np
 
 from dgemma.config import LayerSpec, ModelConfig
+from dgemma.kvlayout import RowLayout, decode_layout, extend_layout
 
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
               "post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2")
@@ -359,12 +360,15 @@ class DiffusionGemmaText(nn.Module):
                                        group_size=e.group_size, bits=e.bits, mode=getattr(e, "mode", "affine"))
         return p @ e.weight
 
-    def rope(self, start: int, n: int, dtype):
-        pos = mx.arange(start, start + n, dtype=mx.float32)
+    def rope(self, positions, dtype):
+        """cos/sin tables for positions [T] (shared by the batch: [T, D]) or [B, T] (one row each: [B, 1, T, D])."""
+        pos = mx.array(np.asarray(positions, dtype=np.float32))
         out = {}
         for key, inv in self._inv_freq.items():
-            f = pos[:, None] * inv[None, :]
+            f = pos[..., None] * inv
             emb = mx.concatenate([f, f], axis=-1)
+            if emb.ndim == 3:
+                emb = emb[:, None]
             out[key] = (mx.cos(emb).astype(dtype), mx.sin(emb).astype(dtype))
         return out
 
@@ -374,92 +378,112 @@ class DiffusionGemmaText(nn.Module):
             return x.astype(mx.float32)
         return _softcap(x, self._softcap)
 
-    # -- encoder: causal, writes the cache -----------------------------------------------------------------------------
-    def encode(self, ids, valid: np.ndarray, state: KVState | None, *, cache_length: int | None = None,
-               return_hidden: bool = False):
-        """Causal pass over ids [B, T] after `state`; returns the new state. Training options (as the PyTorch
-        model's): `cache_length` keeps only the first cache_length of the T new positions in the cache (causal
-        attention makes a prefix's cache independent of what follows it), and `return_hidden` also runs the last
-        layer and returns (state, final-normed hidden states [B, T, H]). Differentiable throughout."""
-        B, T = ids.shape
-        start = 0 if state is None else state.length
-        cached = T if cache_length is None else cache_length
-        all_valid = valid if state is None else np.concatenate([state.valid, valid], axis=1)
-        kept_valid = all_valid[:, :start + cached]
-        has_padding = bool((~kept_valid).any())
-        x = self.embed(ids)
-        tables = self.rope(start, T, x.dtype)
-        W = self.cfg.sliding_window
-        pos = np.arange(start, start + T)
-        masks: dict = {}
+    def soft_embedding(self, probs):
+        """softmax(previous processed logits) @ embedding * sqrt(hidden): the self-conditioning input, [B, C, H]."""
+        return self.soft_embed(probs) * mx.array(self.cfg.embed_scale, dtype=mx.float32).astype(self.dtype)
 
-        def mask_for(sliding: bool, L: int):
-            key = (sliding, L)
-            if key not in masks:
-                kpos = np.arange(start + T - L, start + T)
-                allowed = kpos[None, :] <= pos[:, None]
-                if sliding:
-                    allowed &= (pos[:, None] - kpos[None, :]) < W
-                allowed = allowed[None, None] & all_valid[:, None, None, start + T - L:]
-                # Pad queries attend to themselves so no row of the mask is empty (an empty row would give NaN).
-                allowed |= (kpos[None, :] == pos[:, None])[None, None]
-                masks[key] = mx.array(allowed)
-            return masks[key]
+    def decoder_input(self, canvas, soft):
+        x = self.embed(canvas)
+        if soft is not None:
+            x = x + self.self_conditioning(soft)
+        # With no previous logits the signal is exactly zero (MLP of a zero vector), so it is skipped.
+        return rms_norm(x, None, self.cfg.rms_norm_eps)
 
-        keys, values = [], []
+    def run_layers(self, x, tables, layer_kv, scalar: str, keys_only_last: bool):
+        """The layer stack. `layer_kv(i, k, v) -> (keys, values, mask)` says what layer i's queries attend to (and
+        stores the new keys/values where the caller keeps them). With `keys_only_last` the last layer stops after its
+        keys and values: the encoder's last output feeds nothing the decoder reads."""
         n = len(self.layers)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
             cos, sin = tables["sliding" if layer.sliding else "full"]
-            q, k, v = attn.project(h, cos, sin)
-            if state is not None:
-                k = mx.concatenate([state.keys[i], k], axis=2)
-                v = mx.concatenate([state.values[i], v], axis=2)
-            L = k.shape[2]
-            end = L - (T - cached)
-            keep = min(end, W - 1) if layer.sliding else end
-            keys.append(k[:, :, end - keep:end] if keep < L else k)
-            values.append(v[:, :, end - keep:end] if keep < L else v)
-            if i == n - 1 and not return_hidden:
-                break  # the last layer's output feeds nothing the decoder reads: only its keys/values are kept
-            a = attn.attend(q, k, v, mask_for(layer.sliding, L))
-            x = x + layer.post_attention_layernorm(a)
-            x = layer.feed_forward(x, layer.encoder_layer_scalar)
-        new_state = KVState(keys, values, kept_valid, start + cached, has_padding)
-        return (new_state, self.norm(x)) if return_hidden else new_state
+            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+            keys, values, mask = layer_kv(i, k, v)
+            if i == n - 1 and keys_only_last:
+                break
+            x = x + layer.post_attention_layernorm(attn.attend(q, keys, values, mask))
+            x = layer.feed_forward(x, getattr(layer, scalar))
+        return x
 
-    # -- decoder: bidirectional over [cache ; canvas], reads the cache ---------------------------------------------
-    def decode(self, canvas, state: KVState, sc_probs=None):
-        B, C = canvas.shape
-        x = self.embed(canvas)
-        if sc_probs is not None:
-            soft = self.soft_embed(sc_probs) * mx.array(self.cfg.embed_scale, dtype=mx.float32).astype(x.dtype)
-            x = x + self.self_conditioning(soft)
-        # With no previous logits the signal is exactly zero (MLP of a zero vector), so it is skipped.
-        x = rms_norm(x, None, self.cfg.rms_norm_eps)
-        tables = self.rope(state.length, C, x.dtype)
+    # -- inference over the backend's batch cache -----------------------------------------------------------------
+    @staticmethod
+    def _row_positions(starts: np.ndarray, T: int) -> np.ndarray:
+        if (starts == starts[0]).all():
+            return np.arange(int(starts[0]), int(starts[0]) + T)
+        return starts[:, None] + np.arange(T)[None, :]
+
+    def extend(self, cache, rows: slice, ids, new_valid: np.ndarray, input_embeds=None, image_blocks=None) -> None:
+        """Causal encoder pass appending ids [k, T] to rows `rows` of the cache (a prompt chunk or a canvas)."""
+        lay = extend_layout(cache.layout, rows, new_valid, image_blocks)
+        cache.reserve(ids.shape[1], rows)
+        x = self.embed(ids) if input_embeds is None else input_embeds.astype(self.dtype)
+        tables = self.rope(self._row_positions(lay.full_write, ids.shape[1]), x.dtype)
         masks: dict = {}
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            cos, sin = tables["sliding" if layer.sliding else "full"]
-            q, k, v = attn.project(h, cos, sin)
-            ck, cv = state.keys[i], state.values[i]
-            k = mx.concatenate([ck, k], axis=2)
-            v = mx.concatenate([cv, v], axis=2)
-            mask = None
-            if state.has_padding:
-                Lc = ck.shape[2]
-                if Lc not in masks:
-                    kv = np.concatenate([state.key_mask(Lc), np.ones((B, C), dtype=bool)], axis=1)
-                    masks[Lc] = mx.array(kv[:, None, None, :])
-                mask = masks[Lc]
-            a = attn.attend(q, k, v, mask)
-            x = x + layer.post_attention_layernorm(a)
-            x = layer.feed_forward(x, layer.layer_scalar)
-        return self.logits(self.norm(x))
+        self.run_layers(x, tables, lambda i, k, v: cache.extend_kv(i, rows, lay, k, v, masks),
+                        "encoder_layer_scalar", keys_only_last=True)
+        cache.finish_extend(rows, lay, new_valid)
 
+    def decode_rows(self, cache, rows: slice, canvas, soft=None):
+        """Bidirectional decoder over each row's cache and its canvas [k, C]; the final-normed hidden [k, C, H]."""
+        C = canvas.shape[1]
+        lay = decode_layout(cache.layout, rows, C)
+        cache.reserve(C, rows)
+        x = self.decoder_input(canvas, soft)
+        tables = self.rope(self._row_positions(lay.full_write, C), x.dtype)
+        masks: dict = {}
+        x = self.run_layers(x, tables, lambda i, k, v: cache.decode_kv(i, rows, lay, k, v, masks), "layer_scalar",
+                            keys_only_last=False)
+        return self.norm(x)
+
+    # -- the functional passes training differentiates through ------------------------------------------------------
+    def encode(self, ids, valid: np.ndarray, state: KVState | None = None, *, cache_length: int | None = None,
+               return_hidden: bool = False):
+        """Causal pass over a fresh batch ids [B, T] (`state` must be None: inference appends through the batch
+        cache, `extend`). `cache_length` keeps only the first cache_length positions in the returned state (causal
+        attention makes a prefix's cache independent of what follows it); `return_hidden` also runs the last layer
+        and returns (state, final-normed hidden states [B, T, H]). Differentiable throughout."""
+        if state is not None:
+            raise ValueError("encode() starts a new state; append to a cache with extend()")
+        B, T = ids.shape
+        cached = T if cache_length is None else cache_length
+        valid = np.asarray(valid, dtype=bool)
+        lay = extend_layout(RowLayout(self.cfg.sliding_window, np.zeros(B, np.int64), np.zeros((B, 0), bool)),
+                            slice(0, B), valid)
+        masks = {True: mx.array(lay.sliding_mask[:, None]), False: mx.array(lay.full_mask[:, None])}
+        x = self.embed(ids)
+        tables = self.rope(np.arange(T), x.dtype)
+        keys, values = [], []
+        W = self.cfg.sliding_window
+
+        def layer_kv(i, k, v):
+            sliding = self.layers[i].sliding
+            keep = min(cached, W - 1) if sliding else cached
+            keys.append(k[:, :, cached - keep:cached] if keep < T else k)
+            values.append(v[:, :, cached - keep:cached] if keep < T else v)
+            return k, v, masks[sliding]
+
+        x = self.run_layers(x, tables, layer_kv, "encoder_layer_scalar", keys_only_last=not return_hidden)
+        kept_valid = valid[:, :cached]
+        state = KVState(keys, values, kept_valid, cached, bool((~kept_valid).any()))
+        return (state, self.norm(x)) if return_hidden else state
+
+    def decode(self, canvas, state: KVState, sc_probs=None):
+        """Decoder over a functional state (training): logits [B, C, V]."""
+        B, C = canvas.shape
+        x = self.decoder_input(canvas, None if sc_probs is None else self.soft_embedding(sc_probs))
+        tables = self.rope(np.arange(state.length, state.length + C), x.dtype)
+        masks: dict = {}  # by cache length: the pad mask over [cache ; canvas]
+
+        def layer_kv(i, k, v):
+            ck, cv = state.keys[i], state.values[i]
+            L = ck.shape[2]
+            if state.has_padding and L not in masks:
+                kv = np.concatenate([state.key_mask(L), np.ones((B, C), dtype=bool)], axis=1)
+                masks[L] = mx.array(kv[:, None, None, :])
+            return mx.concatenate([ck, k], axis=2), mx.concatenate([cv, v], axis=2), masks.get(L)
+
+        x = self.run_layers(x, tables, layer_kv, "layer_scalar", keys_only_last=False)
+        return self.logits(self.norm(x))
 
 # -- quantization ----------------------------------------------------------------------------------------------------
 def _is_expert(path: str) -> bool:

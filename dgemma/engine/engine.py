@@ -1,0 +1,700 @@
+"""The one batch engine: requests move through prefill -> denoising passes -> commit -> next canvas -> done.
+
+Every face drives it: `Model.generate` / `generate_batch` / `stream`, `dgemma generate` and `dgemma serve`. One
+decoder pass steps every live row; a row is one canvas being denoised and a request owns one or more rows (parallel
+attempts or views). Requests join at a canvas boundary and leave at any pass. The backend owns the batch cache; the
+engine addresses its rows by position and never touches a tensor of it.
+
+Per pass only small arrays cross to the host: the per-row mean entropy and stability flag, and, where an option
+needs it, the [rows, C] token canvases (checkers, structured output, drafts). Vocabulary-sized arrays exist only
+inside a pass, and for large batches only one tile of rows at a time.
+
+Exactness: a request draws from its own noise source in the order the reference's loop does (initial canvas, then per
+pass the uniforms and the re-noise tokens), so batching changes its numbers only by the rounding of batched matmuls;
+`batching="exact"` runs one decoder pass per request and is bit-identical to a solo run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from ..backend import Backend
+from ..errors import InputError
+from ..sampler import step_with_temperature, temperature
+from .prompt_cache import PromptCache
+from .request import (CanvasEvent, DoneEvent, DraftEvent, FailedEvent, Handle, Request, RequestResult)
+from .state import Job, Row, pad_after_eos, visible_tokens
+
+BATCHING_MODES = ("merged", "exact")
+VOCAB_TILE_BYTES = 1 << 30   # the sampler's vocabulary-sized arrays for at most this many bytes of logits at once
+REPAIR_CANDIDATES = 16       # structured output: top-k tokens per position kept for the repair of a stopped canvas
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The seed of parallel attempt `attempt` at a request seeded `seed` (attempt 0 is the request's own draw, so
+    attempts=1 generates exactly what a plain call does)."""
+    return (int(seed) + attempt * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=bool)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p):] = p
+            mask[i, width - len(p):] = True
+    return ids, mask
+
+
+class Engine:
+    def __init__(self, backend: Backend, *, max_batch: int | None = None, batching: str = "merged",
+                 prompt_cache: PromptCache | None = None, vocab_tile_bytes: int = VOCAB_TILE_BYTES):
+        if batching not in BATCHING_MODES:
+            raise InputError(f"batching must be one of {', '.join(BATCHING_MODES)}, not {batching!r}")
+        if max_batch is not None and max_batch < 1:
+            raise InputError("max_batch must be at least 1")
+        self.backend, self.ops, self.cfg = backend, backend.ops, backend.config
+        self.max_batch, self.batching = max_batch, batching
+        self.prompt_cache = prompt_cache
+        if prompt_cache is not None:
+            prompt_cache.chunk = backend.prefill_chunk  # entries sit at the prefill's own chunk boundaries
+        self.vocab_tile_bytes = vocab_tile_bytes
+        self.cache = None                       # the backend's batch cache, rows in the order of self.rows
+        self.rows: list[Row] = []
+        self.waiting: deque[list[Job]] = deque()
+        self.jobs: dict[int, Job] = {}
+        self.events: list = []
+        self._batch = None                      # the last pass's batch arrays, reused while its rows stay the same
+        self.counters = {"decoder_passes": 0, "rows_denoised": 0, "prefills": 0, "commits": 0, "completed": 0,
+                         "cancelled": 0, "failed": 0, "max_rows_seen": 0, "cached_tokens": 0}
+
+    # == the caller's side ==========================================================================================
+    def submit(self, request: Request) -> Handle:
+        return self.submit_group([request])[0]
+
+    def submit_group(self, requests: Sequence[Request]) -> list[Handle]:
+        """Requests that join together; without a prompt cache they share one left-padded prefill (what the
+        reference does for a batch, so their positions are the reference's)."""
+        jobs = []
+        for req in requests:
+            self._validate(req)
+            handle = Handle(req)
+            jobs.append(Job(handle, req.prompts()))
+        for job in jobs:
+            self.jobs[job.handle.id] = job
+        self.waiting.append(jobs)
+        return [j.handle for j in jobs]
+
+    def cancel(self, handle: Handle) -> None:
+        handle.cancelled = True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or bool(self.rows)
+
+    def stats(self) -> dict:
+        return {"rows": len(self.rows), "live_rows": sum(r.live for r in self.rows),
+                "waiting": sum(len(g) for g in self.waiting), "requests": len(self.jobs), **self.counters,
+                "cache_bytes": self.cache.nbytes() if self.cache is not None and self.cache.rows else 0,
+                **({"prompt_cache": self.prompt_cache.stats()} if self.prompt_cache is not None else {})}
+
+    def run(self, handles: Sequence[Handle]) -> Iterator:
+        """Step until `handles` are done, yielding their events."""
+        mine = {h.id for h in handles}
+        while not all(h.done for h in handles):
+            for ev in self.step():
+                if ev.handle.id in mine:
+                    yield ev
+
+    def step(self) -> list:
+        """One engine iteration: drop cancelled requests, admit newcomers, one decoder pass, finish canvases."""
+        self.events = []
+        self._drop_cancelled()
+        self._admit()
+        if any(r.live for r in self.rows):
+            self._pass()
+        self._finish_canvases()
+        return self.events
+
+    # == validation ===================================================================================================
+    def _validate(self, req: Request) -> None:
+        cfg, s = self.cfg, req.settings
+        if req.views is not None and req.attempts != 1:
+            raise InputError("give either attempts or views, not both")
+        if not isinstance(req.attempts, int) or req.attempts < 1:
+            raise InputError(f"attempts must be a whole number >= 1 (got {req.attempts!r})")
+        if req.max_retries < 0:
+            raise InputError(f"max_retries must be >= 0 (got {req.max_retries})")
+        if (req.width > 1 or req.stop_when_valid) and req.checker is None:
+            raise InputError("parallel attempts and stop_when_valid need a checker to tell a right canvas")
+        if req.noise is not None and req.width > 1 and (not isinstance(req.noise, (list, tuple))
+                                                         or len(req.noise) != req.width):
+            raise InputError("give seeds, not noise sources, with attempts > 1 (each attempt draws its own noise)")
+        if req.noise is None and req.seed is None:
+            raise InputError("a request needs a seed or a noise source")
+        prompts = req.prompts()
+        if not prompts:
+            raise InputError("no prompt given")
+        for p in prompts:
+            if not p:
+                raise InputError("the prompt is empty")
+            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise InputError(f"the prompt has token id {bad[0]} outside the vocabulary [0, {cfg.vocab_size})")
+        C = cfg.canvas_length
+        longest = max(len(p) for p in prompts)
+        needed = longest + -(-s.max_new_tokens // C) * C
+        if needed > cfg.max_position_embeddings:
+            raise InputError(f"prompt of {longest} tokens plus {s.max_new_tokens} new tokens (rounded up to whole "
+                             f"canvases of {C}) needs {needed} positions; the model has "
+                             f"{cfg.max_position_embeddings}")
+
+    # == joining and leaving ==========================================================================================
+    def _drop_cancelled(self) -> None:
+        gone = {j.handle.id for j in self.jobs.values() if j.handle.cancelled}
+        if not gone:
+            return
+        self.counters["cancelled"] += len(gone)
+        self.waiting = deque([j for j in g if j.handle.id not in gone] for g in self.waiting)
+        self.waiting = deque(g for g in self.waiting if g)
+        for i in gone:
+            self.jobs.pop(i, None)
+        self._keep([r for r in self.rows if r.job.handle.id not in gone])
+
+    def _keep(self, rows: list[Row]) -> None:
+        """Reorder the cache to `rows` (dropping the others): a copy made at canvas boundaries, never in a pass."""
+        if [id(r) for r in rows] == [id(r) for r in self.rows]:
+            return
+        slot = {id(r): i for i, r in enumerate(self.rows)}
+        if self.cache is not None:
+            self.cache.take(np.array([slot[id(r)] for r in rows], dtype=np.int64))
+        self.rows = rows
+        self._batch = None
+
+    def _admit(self) -> None:
+        budget = self.cfg.canvas_length * max(1, sum(r.live for r in self.rows))
+        used = 0
+        while self.waiting:
+            group = self.waiting[0]
+            width = sum(j.request.width for j in group)
+            if self.rows and self.max_batch is not None and len(self.rows) + width > self.max_batch:
+                return
+            tokens = sum(len(p) for j in group for p in j.prompts)
+            if self.rows and used and used + tokens > budget:
+                return  # a newcomer's prefill stalls the running rows by about one pass at most
+            self.waiting.popleft()
+            used += tokens
+            try:
+                self._prefill(group)
+            except Exception as e:  # a failed prefill fails its requests; the engine keeps serving
+                for job in group:
+                    self._fail(job, e)
+                continue
+            for job in group:
+                self._start_canvas(job, job.active_rows())
+
+    def _prefill(self, group: list[Job]) -> None:
+        self.counters["prefills"] += 1
+        if self.prompt_cache is not None and len(group) == 1 and group[0].request.cacheable \
+                and group[0].request.input_embeds is None:
+            prefill, src = self._prefill_cached(group[0])
+        else:
+            prefill, src = self._prefill_padded(group)
+        start = len(self.rows)
+        if self.cache is None or not self.cache.rows:
+            if len(src) == prefill.rows and (np.asarray(src) == np.arange(prefill.rows)).all():
+                self.cache = prefill  # nothing running: the new rows' cache is the batch cache
+            else:
+                self.cache = self.backend.new_cache()
+        if self.cache is not prefill:
+            dst = self.cache.add_rows(len(src))
+            for j, s in enumerate(src):
+                self.cache.copy_rows_from(prefill, slice(s, s + 1), slice(dst.start + j, dst.start + j + 1))
+        for job in group:
+            for i, prompt in enumerate(job.prompts):
+                req = job.request
+                if isinstance(req.noise, (list, tuple)):
+                    noise = req.noise[i]
+                elif req.noise is not None:
+                    noise = req.noise
+                else:
+                    noise = self.backend.row_noise(attempt_seed(req.seed, i))
+                checker_row = req.checker_rows[i] if req.checker_rows is not None else 0
+                job.rows.append(Row(job, i, noise, checker_row))
+            self.rows.extend(job.rows)
+        assert len(self.rows) == self.cache.rows == start + len(src)
+        self._batch = None
+
+    def _prefill_padded(self, group: list[Job]):
+        """One left-padded prefill of the group's distinct prompts; returns (cache, source row of each new row)."""
+        distinct: dict[tuple, int] = {}
+        src = []
+        for job in group:
+            for p in job.prompts:
+                src.append(distinct.setdefault(tuple(p), len(distinct)))
+        prompts = [list(p) for p in distinct]
+        pad = group[0].settings.pad_token_id
+        ids, mask = left_pad(prompts, pad if pad is not None else 0)
+        embeds = blocks = None
+        if any(j.request.input_embeds is not None for j in group):
+            embeds, blocks = self._padded_images(group, distinct, ids.shape[1])
+        return self.backend.prefill(ids, mask, input_embeds=embeds, image_blocks=blocks), src
+
+    def _padded_images(self, group, distinct, width):
+        """Left-padded prompt embeddings and image blocks for a group where some prompts carry images (the others
+        get their token embeddings from the backend's own table, as rows of zeros in `image_blocks`)."""
+        rows = []
+        for p in distinct:
+            job = next(j for j in group if tuple(j.prompts[0]) == p)
+            rows.append((len(p), job.request.input_embeds, job.request.image_blocks))
+        ref = next(e for _, e, _ in rows if e is not None)
+        hidden = np.asarray(ref).shape[-1]
+        embeds = np.zeros((len(rows), width, hidden), np.float32)
+        blocks = np.zeros((len(rows), width), np.int64)
+        for i, (n, e, b) in enumerate(rows):
+            if e is None:
+                raise InputError("in one batch, either every prompt or none carries images (submit them apart)")
+            embeds[i, width - n:] = np.asarray(e, np.float32)
+            blocks[i, width - n:] = np.asarray(b)
+        return embeds, blocks
+
+    def _prefill_cached(self, job: Job):
+        """Prefill one request through the prompt cache: reuse the longest cached prefix (whole prefill chunks),
+        encode the rest chunk by chunk, and remember the new chunk boundaries. The chunks are those of a fresh
+        prefill, so a hit computes exactly the numbers a miss does."""
+        prompt = job.prompts[0]
+        if any(list(p) != list(prompt) for p in job.prompts[1:]):
+            return self._prefill_padded([job])
+        cached, length = self.prompt_cache.lookup(prompt)
+        cache = self.backend.new_cache()
+        rows = cache.add_rows(1)
+        if cached is not None:
+            cache.copy_rows_from(cached, slice(0, 1), rows)
+        job.cached_tokens = length
+        self.counters["cached_tokens"] += length
+        for a, b in self.backend.prefill_chunks(len(prompt)):
+            if b <= length:
+                continue
+            self.backend.extend(cache, np.asarray([prompt[a:b]]), rows)
+            if b % self.backend.prefill_chunk == 0 or b == len(prompt):
+                self.prompt_cache.insert(prompt[:b], self.backend.select_rows(cache, [0]))
+        return cache, [0] * len(job.prompts)
+
+    # == canvases =====================================================================================================
+    def _start_canvas(self, job: Job, rows: list[Row], start=None) -> None:
+        """New denoising round for `rows`: fresh noise, or (a retry) the finished canvas with its flagged positions
+        re-noised."""
+        C, V = self.cfg.canvas_length, self.cfg.vocab_size
+        for row in rows:
+            row.base = job.retry_round * (job.settings.max_denoising_steps + 1)
+            canvas = row.noise.tokens(job.block, row.base, C, V)
+            if start is not None:
+                bad, tokens = start
+                canvas = self.ops.where(self.ops.from_numpy(bad), canvas, self.ops.from_numpy(tokens))
+            row.canvas, row.argmax, row.soft = canvas, canvas, None
+            row.step, row.stable, row.live, row.passed, row.mask_at, row.mask = 0, 0, True, False, -1, None
+            if start is None:
+                row.steps = 0
+        self._batch = None
+
+    # == one decoder pass =============================================================================================
+    def _pass(self) -> None:
+        span = self._pass_span()
+        if self.batching == "exact":
+            for job in dict.fromkeys(r.job for r in self.rows[span] if r.live):
+                idx = [i for i in range(span.start, span.stop) if self.rows[i].job is job and self.rows[i].live]
+                self._denoise(slice(idx[0], idx[-1] + 1))
+        else:
+            self._denoise(span)
+
+    def _pass_span(self) -> slice:
+        """The rows the next pass runs over: a prefix of the cache holding every live row. Idle rows inside it
+        (attempts that stopped before their group) are computed and ignored until they are an eighth of it; then
+        the cache is reordered, live rows first."""
+        live = [i for i, r in enumerate(self.rows) if r.live]
+        k = live[-1] + 1
+        idle = k - len(live)
+        if idle and idle >= max(1, k // 8):
+            self._keep([r for r in self.rows if r.live] + [r for r in self.rows if not r.live])
+            k = len(live)
+        return slice(0, k)
+
+    def _batch_arrays(self, span: slice, rows: list[Row]):
+        """canvas [k, C] and self-conditioning [k, C, H] (None when no row has any) of the pass."""
+        b = self._batch
+        if b is not None and b[0] == span and len(b[1]) == len(rows) and all(x is y for x, y in zip(b[1], rows)) \
+                and all(r.step > 0 or not r.live for r in rows):
+            return b[2], b[3]
+        ops = self.ops
+        canvas = ops.stack_rows([r.canvas for r in rows])
+        have = [r.soft for r in rows if r.soft is not None]
+        if not have:
+            return canvas, None
+        # A row at its first pass gets zeros: exactly the "no self-conditioning" signal (the MLP of zero is zero).
+        zero = ops.full(tuple(have[0].shape), 0.0, like=have[0])
+        return canvas, ops.stack_rows([r.soft if r.soft is not None else zero for r in rows])
+
+    def _denoise(self, span: slice) -> None:
+        ops, C, V = self.ops, self.cfg.canvas_length, self.cfg.vocab_size
+        rows = self.rows[span]
+        canvas, soft = self._batch_arrays(span, rows)
+        hidden = self.backend.denoise_hidden(self.cache, canvas, soft, rows=span)
+        self.counters["decoder_passes"] += 1
+        self.counters["rows_denoised"] += len(rows)
+        self.counters["max_rows_seen"] = max(self.counters["max_rows_seen"], len(rows))
+        uniforms, fresh = self._draws(rows)
+        out = self._sample(rows, hidden, canvas, uniforms, fresh)
+        self._after_pass(span, rows, out, fresh)
+
+    def _draws(self, rows: list[Row]):
+        """Each live row's uniforms, then its re-noise tokens, keyed as the reference's loop draws them."""
+        ops, C, V = self.ops, self.cfg.canvas_length, self.cfg.vocab_size
+        zf, zi = np.zeros(C, np.float32), np.zeros(C, np.int64)
+        uniforms = ops.stack_rows([r.noise.uniforms(r.job.block, r.base + r.step + 1, C) if r.live
+                                   else ops.from_numpy(zf) for r in rows])
+        fresh = ops.stack_rows([r.noise.tokens(r.job.block, r.base + r.step + 1, C, V) if r.live
+                                else ops.from_numpy(zi) for r in rows])
+        return uniforms, fresh
+
+    def _schedule(self, rows: list[Row]):
+        """Per-row temperature and entropy bound: plain floats when the rows agree (the reference's scalar
+        arithmetic), else [k, 1, 1] and [k, 1] arrays."""
+        ts, bounds = [], []
+        for r in rows:
+            s = r.job.settings
+            N = s.max_denoising_steps
+            ts.append(temperature(max(N - r.step, 1), N, s.t_min, s.t_max))
+            bounds.append(s.entropy_bound)
+        if len(set(ts)) == 1 and len(set(bounds)) == 1:
+            return ts[0], bounds[0]
+        ops = self.ops
+        return (ops.from_numpy(np.asarray(ts, np.float32)[:, None, None]),
+                ops.from_numpy(np.asarray(bounds, np.float32)[:, None]))
+
+    def _tiles(self, n: int) -> list[slice]:
+        per_row = self.cfg.canvas_length * self.cfg.vocab_size * 4 * 4  # logits + log-probs + probs + a temporary
+        size = max(1, self.vocab_tile_bytes // per_row)
+        return [slice(a, min(a + size, n)) for a in range(0, n, size)]
+
+    def _sample(self, rows, hidden, canvas, uniforms, fresh) -> dict:
+        """LM head, logit masks, sampler step and next self-conditioning, one tile of rows at a time."""
+        ops = self.ops
+        parts: dict[str, list] = {k: [] for k in ("canvas", "argmax", "soft", "entropy", "accepted")}
+        candidates = {}
+        for tile in self._tiles(len(rows)):
+            tile_rows = rows[tile]
+            logits = self.backend.lm_logits(hidden[tile] if tile != slice(0, len(rows)) else hidden)
+            logits = self._mask_logits(logits, tile_rows)
+            t, bound = self._schedule(tile_rows)
+            one = tile == slice(0, len(rows))
+            pick = (lambda x: x) if one else (lambda x: x[tile])
+            step = ops.compiled_step
+            if step is not None:
+                res = step(logits, pick(canvas), t, bound, pick(uniforms), pick(fresh))
+            else:
+                res = step_with_temperature(ops, logits, pick(canvas), t, bound, pick(uniforms), pick(fresh),
+                                            owns_logits=True)
+            next_canvas, argmax, probs, mean_entropy, accepted = res
+            for j, r in enumerate(tile_rows):
+                if r.live and r.job.request.constraint is not None:
+                    candidates[tile.start + j] = ops.top_k(probs[j], REPAIR_CANDIDATES)
+            for k, v in zip(("canvas", "argmax", "entropy", "accepted"), (next_canvas, argmax, mean_entropy,
+                                                                          accepted)):
+                parts[k].append(v)
+            parts["soft"].append(self.backend.soft_embedding(probs))
+            del logits, probs, res
+        out = {k: v[0] if len(v) == 1 else self._concat(v) for k, v in parts.items()}
+        out["candidates"] = candidates
+        return out
+
+    def _concat(self, arrays: list):
+        return self.ops.stack_rows([row for a in arrays for row in (a[i] for i in range(a.shape[0]))])
+
+    def _mask_logits(self, logits, rows: list[Row]):
+        """Structured output: the logits of each constrained row's first broken position keep only the allowed
+        tokens (the mask crosses to the device once per such row and pass)."""
+        for j, r in enumerate(rows):
+            if r.live and r.mask is not None and 0 <= r.mask_at:
+                logits = self.ops.mask_position(logits, j, r.mask_at, r.mask)
+        return logits
+
+    # == after a pass: stopping, checkers, drafts ====================================================================
+    def _after_pass(self, span: slice, rows: list[Row], out: dict, fresh) -> None:
+        ops = self.ops
+        canvas, argmax = out["canvas"], out["argmax"]
+        entropy = np.asarray(ops.to_numpy(out["entropy"]), dtype=np.float64).reshape(-1)
+        same = self._same_as_before(rows, argmax)
+        stop = np.zeros(len(rows), bool)
+        for j, r in enumerate(rows):
+            if not r.live:
+                continue
+            s = r.job.settings
+            r.step += 1
+            r.steps += 1
+            r.passes += 1
+            r.stable = r.stable + 1 if same[j] else 0
+            confident = entropy[j] < s.confidence_threshold
+            stable = s.stability_threshold == 0 or r.stable >= s.stability_threshold
+            stop[j] = (confident and stable) or r.step >= s.max_denoising_steps
+        canvas = self._renoise(rows, canvas, out["accepted"], fresh)
+        host_argmax = self._judge(rows, argmax, stop)
+        for j, r in enumerate(rows):
+            if r.live:
+                r.canvas, r.argmax, r.soft = canvas[j], argmax[j], out["soft"][j]
+                r.candidates = out["candidates"].get(j)
+        for j, r in enumerate(rows):
+            if r.live and stop[j]:
+                r.live = False
+        self._report_pass(rows, argmax, out["accepted"], host_argmax)
+        self._batch = (span, list(rows), canvas, out["soft"])
+
+    def _same_as_before(self, rows: list[Row], argmax) -> np.ndarray:
+        """Per row: whether this pass's argmax canvas equals the previous pass's (of the same round)."""
+        ops = self.ops
+        prev = [j for j, r in enumerate(rows) if r.live and r.step > 0]
+        same = np.zeros(len(rows), bool)
+        if prev:
+            before = ops.stack_rows([rows[j].argmax for j in prev])
+            now = argmax if len(prev) == len(rows) else ops.take_rows(argmax, np.asarray(prev))
+            same[prev] = np.asarray(ops.to_numpy(ops.all_equal(before, now))).reshape(-1)
+        return same
+
+    def _renoise(self, rows: list[Row], canvas, accepted, fresh):
+        """Constraint-aware sampling: accepted tokens a checker flags, and (structured output) every position from
+        the first one the grammar rejects, are re-noised like low-confidence ones."""
+        ops = self.ops
+        check = [j for j, r in enumerate(rows) if r.live and r.job.request.checker is not None
+                 and r.job.request.renoise]
+        grammar = [j for j, r in enumerate(rows) if r.live and r.job.request.constraint is not None]
+        if not check and not grammar:
+            return canvas
+        host = np.asarray(ops.to_numpy(canvas), dtype=np.int64)
+        acc = np.asarray(ops.to_numpy(accepted), dtype=bool)
+        bad = np.zeros(host.shape, bool)
+        if check:
+            bad[check] = self._violations(rows, check, host[check]) & acc[check]
+        for j in grammar:
+            r = rows[j]
+            first, allowed = r.job.request.constraint.scan(host[j], acc[j])
+            r.mask_at, r.mask = (first, allowed) if first < host.shape[1] else (-1, None)
+            bad[j, first:] = True
+        if not bad.any():
+            return canvas
+        return ops.where(ops.from_numpy(bad), fresh, canvas)
+
+    def _violations(self, rows: list[Row], which: list[int], tokens: np.ndarray) -> np.ndarray:
+        """Checker flags [n, C] for the canvases `tokens` of rows `which`; one `many` call per checker object."""
+        out = np.zeros(tokens.shape, bool)
+        by_checker: dict[int, list[int]] = {}
+        for n, j in enumerate(which):
+            by_checker.setdefault(id(rows[j].job.request.checker), []).append(n)
+        for lines in by_checker.values():
+            checker = rows[which[lines[0]]].job.request.checker
+            ids = np.asarray([rows[which[n]].checker_row for n in lines])
+            many = getattr(checker, "many", None)
+            if many is not None:
+                out[lines] = np.asarray(many(ids, tokens[lines]), dtype=bool)
+            else:
+                for n, rid in zip(lines, ids):
+                    out[n] = np.asarray(checker(int(rid), tokens[n]), dtype=bool)
+        return out
+
+    def _judge(self, rows: list[Row], argmax, stop: np.ndarray):
+        """With a verifying checker: a live row whose argmax canvas passes stops (stop_when_valid), and a right
+        attempt ends its whole group. Returns the host argmax canvases when they were copied."""
+        need = [j for j, r in enumerate(rows) if r.live and r.job.request.checker is not None
+                and (r.job.request.stop_when_valid or (r.job.request.width > 1 and stop[j]))]
+        if not need:
+            return None
+        host = np.asarray(self.ops.to_numpy(argmax), dtype=np.int64)
+        ok = ~self._violations(rows, need, host[need]).any(axis=1)
+        for n, j in enumerate(need):
+            r = rows[j]
+            if r.job.request.stop_when_valid:
+                stop[j] |= ok[n]
+            if ok[n] and stop[j]:
+                r.passed = True
+        for j, r in enumerate(rows):
+            if r.live and r.job.request.width > 1 and any(x.passed for x in r.job.rows):
+                stop[j] = True
+        return host
+
+    def _report_pass(self, rows: list[Row], argmax, accepted, host_argmax) -> None:
+        ops = self.ops
+        for job in dict.fromkeys(r.job for r in rows if r.job.request.on_step or r.job.request.drafts):
+            idx = np.asarray([j for j, r in enumerate(rows) if r.job is job])
+            step = max(rows[j].step for j in idx)
+            if job.request.on_step is not None:
+                job.request.on_step(job.block, step, ops.take_rows(argmax, idx), ops.take_rows(accepted, idx))
+            if job.request.drafts:
+                j = int(idx[0])
+                toks = host_argmax[j] if host_argmax is not None else np.asarray(ops.to_numpy(argmax[j]))
+                acc = np.asarray(ops.to_numpy(accepted[j]), dtype=bool)
+                self.events.append(DraftEvent(job.handle, job.block, step, np.asarray(toks, np.int64), acc))
+
+    # == finished canvases: choose, retry, commit, next ==============================================================
+    def _finish_canvases(self) -> None:
+        commits: list[tuple[Job, np.ndarray]] = []
+        finished: list[Job] = []
+        for job in dict.fromkeys(r.job for r in self.rows):
+            if job.finished or not job.canvas_over():
+                continue
+            try:
+                tokens = self._close_canvas(job)
+            except Exception as e:
+                self._fail(job, e)
+                continue
+            if tokens is None:
+                continue  # a retry round started
+            if job.finished:
+                finished.append(job)
+            else:
+                commits.append((job, tokens))
+        self._commit(commits)
+        for job in finished:
+            self._done(job)
+        if finished or any(r.retired for r in self.rows):
+            self._keep([r for r in self.rows if not r.job.finished and not r.retired])
+
+    def _close_canvas(self, job: Job):
+        """Choose the canvas its rows keep, maybe start a retry round; else record the canvas and emit it. Returns
+        the tokens to commit (None when a retry started)."""
+        ops, s, C = self.ops, job.settings, self.cfg.canvas_length
+        active = job.active_rows()
+        pick = self._choose(job, active)
+        tokens = np.asarray(ops.to_numpy(pick.argmax), dtype=np.int64).reshape(-1)
+        if self._maybe_retry(job, pick, tokens):
+            return None
+        constraint = job.request.constraint
+        accepted = False
+        if constraint is not None:
+            tokens, accepted = self._repair(pick, tokens)
+        tokens, hit_eos = pad_after_eos(tokens, s.eos_token_ids, s.pad_token_id)
+        hit_eos = hit_eos or accepted
+        steps = max(r.steps for r in active)
+        passes = max(r.passes for r in job.rows)
+        views = job.request.views is not None
+        for r in job.rows:
+            r.passes = passes
+        for r in active:
+            own = tokens if (r is pick or not views) else pad_after_eos(
+                np.asarray(ops.to_numpy(r.argmax), dtype=np.int64).reshape(-1), s.eos_token_ids, s.pad_token_id)[0]
+            r.raw.extend(int(t) for t in own)
+            r.steps_per_canvas.append(steps)
+            r.chosen.append(r is pick or not views)
+            if views and r is not pick:
+                r.retired = True
+        finished = hit_eos or (job.block + 1) * C >= s.max_new_tokens
+        self.events.append(CanvasEvent(job.handle, job.block, tokens, steps, job.retries_this_block, finished,
+                                       hit_eos))
+        job.finished = finished
+        job.retry_round = 0
+        job.retries_this_block = 0
+        return tokens
+
+    def _choose(self, job: Job, active: list[Row]) -> Row:
+        """The row whose canvas the request keeps: the first that passed the checker, else the one it flags least
+        (the first among equals)."""
+        if len(active) == 1:
+            return active[0]
+        passed = [r for r in active if r.passed]
+        if passed:
+            return passed[0]
+        host = np.stack([np.asarray(self.ops.to_numpy(r.argmax), dtype=np.int64).reshape(-1) for r in active])
+        flags = self._violations(active, list(range(len(active))), host).sum(axis=1)
+        return active[int(np.argmin(flags))]
+
+    def _maybe_retry(self, job: Job, pick: Row, tokens: np.ndarray) -> bool:
+        req = job.request
+        if req.checker is None or job.retry_round >= req.max_retries:
+            return False
+        bad = self._violations([pick], [0], tokens[None])[0]
+        if not bad.any():
+            return False
+        job.retry_round += 1
+        job.retries += 1
+        job.retries_this_block += 1
+        self._start_canvas(job, [pick], start=(bad, tokens))
+        return True
+
+    def _repair(self, row: Row, tokens: np.ndarray):
+        """Structured output: make the stopped canvas a valid continuation, left to right (masked choices among the
+        last pass's top tokens; a position none of them fits takes the lowest allowed id)."""
+        constraint = row.job.request.constraint
+        cands = getattr(row, "candidates", None)
+        cand = (np.asarray(self.ops.to_numpy(cands), dtype=np.int64) if cands is not None
+                else tokens[:, None])
+        fixed, fallback = constraint.repair(tokens, cand)
+        while fallback:
+            pos, allowed = fallback[0]
+            fixed = fixed.copy()
+            fixed[pos] = int(np.flatnonzero(allowed)[0])
+            cand = cand.copy()
+            cand[pos, 0] = fixed[pos]
+            fixed, fallback = constraint.repair(fixed, cand)
+        done = constraint.commit(fixed)
+        return fixed, bool(done)
+
+    def _commit(self, commits: list) -> None:
+        """Commit finished canvases through the encoder, one call per contiguous run of rows, then start the next
+        canvases."""
+        if not commits:
+            return
+        slot = {id(r): i for i, r in enumerate(self.rows)}
+        todo = sorted(((slot[id(r)], tokens) for job, tokens in commits for r in job.active_rows()),
+                      key=lambda x: x[0])
+        a = 0
+        while a < len(todo):
+            b = a + 1
+            while b < len(todo) and todo[b][0] == todo[b - 1][0] + 1:
+                b += 1
+            canvas = np.stack([t for _, t in todo[a:b]])
+            self.backend.commit(self.cache, canvas, rows=slice(todo[a][0], todo[b - 1][0] + 1))
+            self.counters["commits"] += 1
+            a = b
+        for job, _ in commits:
+            job.block += 1
+            self._start_canvas(job, job.active_rows())
+
+    def _done(self, job: Job) -> None:
+        result = self._result(job)
+        job.handle.result = result
+        self.jobs.pop(job.handle.id, None)
+        self.counters["completed"] += 1
+        self.events.append(DoneEvent(job.handle, result))
+
+    def _result(self, job: Job) -> RequestResult:
+        main = next((r for r in job.rows if not r.retired), job.rows[0])
+        result = self._row_result(job, main)
+        if job.request.views is not None:
+            result.views = [self._row_result(job, r) for r in job.rows]
+        return result
+
+    def _row_result(self, job: Job, row: Row) -> RequestResult:
+        s = job.settings
+        raw = row.raw
+        visible = visible_tokens(raw, s.eos_token_ids, s.pad_token_id)
+        hit_eos = any(t in set(s.eos_token_ids) for t in raw) or (job.request.constraint is not None
+                                                                  and job.request.constraint.accepted())
+        non_pad = sum(1 for t in raw if t != s.pad_token_id) if s.pad_token_id is not None else len(raw)
+        return RequestResult(
+            token_ids=visible[: s.max_new_tokens], raw_token_ids=list(raw),
+            finish_reason="eos" if hit_eos and len(visible) <= s.max_new_tokens else "length",
+            prompt_tokens=len(job.prompts[row.index]), cached_tokens=job.cached_tokens, decoder_passes=row.passes,
+            steps_per_canvas=list(row.steps_per_canvas),
+            tokens_per_forward=non_pad / row.passes if row.passes else 0.0, retries=job.retries,
+            attempts=job.request.width, seconds=time.perf_counter() - job.started, chosen=all(row.chosen))
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        job.finished = True
+        job.handle.error = error
+        self.jobs.pop(job.handle.id, None)
+        self.counters["failed"] += 1
+        self.events.append(FailedEvent(job.handle, error))
+        if job.rows:
+            self._keep([r for r in self.rows if r.job is not job])

@@ -1,0 +1,122 @@
+"""What goes into the engine (a Request), what comes out (events and a RequestResult), and the handle between."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..config import SamplerSettings
+
+ConstraintChecker = Callable[[int, np.ndarray], np.ndarray]
+"""checker(row, canvas_tokens [C]) -> bool [C]: the positions whose token breaks a known constraint of that row's
+task (for Sudoku: a digit repeated in its row, column or box, or a given overwritten). A checker may also have
+`many(rows [n], canvas_tokens [n, C]) -> bool [n, C]`, which the engine then calls once per pass."""
+
+
+@dataclass
+class Request:
+    """One generation. With `attempts=K` (or K `views`: different encodings of one request, such as Sudoku's
+    symmetric views) K canvases are denoised side by side, each with its own noise; the first that passes the
+    checker is kept, else the one it flags least."""
+
+    prompt_ids: Sequence[int]
+    settings: SamplerSettings
+    seed: int | None = None                 # attempt a draws from attempt_seed(seed, a)
+    noise: Any = None                       # a RowNoise (or one per row) instead of a seed; tests inject ScriptedNoise
+    attempts: int = 1
+    views: Sequence[Sequence[int]] | None = None
+    checker: Any = None
+    checker_rows: Sequence[int] | None = None  # the `row` the checker is called with, one per attempt/view
+    max_retries: int = 0
+    stop_when_valid: bool = False
+    renoise: bool = True
+    constraint: Any = None                  # a structured-output RowConstraint (dgemma.structured)
+    drafts: bool = False
+    on_step: Callable | None = None         # on_step(block, step, argmax [K, C], accepted [K, C]), device arrays
+    input_embeds: Any = None                # [T, hidden] prompt embeddings (image features merged in)
+    image_blocks: Any = None                # [T] ints: 0 text, b > 0 the tokens of image b
+    cacheable: bool = True                  # may use and fill the engine's prompt cache
+
+    def prompts(self) -> list[list[int]]:
+        if self.views is not None:
+            return [list(map(int, v)) for v in self.views]
+        return [list(map(int, self.prompt_ids))] * self.attempts
+
+    @property
+    def width(self) -> int:
+        """Rows (canvases) this request denoises side by side."""
+        return len(self.views) if self.views is not None else self.attempts
+
+
+@dataclass
+class RequestResult:
+    token_ids: list[int]            # up to the first eos (exclusive), no pads, at most max_new_tokens
+    raw_token_ids: list[int]        # every committed canvas, pads included (as the reference returns them)
+    finish_reason: str              # "eos" or "length"
+    prompt_tokens: int
+    cached_tokens: int              # prompt tokens whose cache came from the prompt cache
+    decoder_passes: int
+    steps_per_canvas: list[int]
+    tokens_per_forward: float       # non-pad generated tokens / decoder passes, as the reference defines it
+    retries: int
+    attempts: int
+    seconds: float
+    chosen: bool = True             # whether this row's canvas was kept every block (with views)
+    views: list["RequestResult"] = field(default_factory=list)  # with views: one result per view, in order
+
+
+_ids = itertools.count()
+
+
+class Handle:
+    """The caller's ticket for a submitted request."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.id = next(_ids)
+        self.result: RequestResult | None = None
+        self.error: Exception | None = None
+        self.cancelled = False
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None or self.cancelled
+
+    def __repr__(self) -> str:
+        return f"Handle({self.id}, done={self.done})"
+
+
+@dataclass
+class DraftEvent:
+    handle: Handle
+    block: int
+    step: int
+    tokens: np.ndarray              # argmax canvas of the request's first live row after this pass
+    accepted: np.ndarray
+
+
+@dataclass
+class CanvasEvent:
+    handle: Handle
+    block: int
+    tokens: np.ndarray              # the committed canvas; after an eos the rest is pad
+    steps: int
+    retries: int
+    finished: bool
+    hit_eos: bool
+
+
+@dataclass
+class DoneEvent:
+    handle: Handle
+    result: RequestResult
+
+
+@dataclass
+class FailedEvent:
+    handle: Handle
+    error: Exception
