@@ -284,7 +284,7 @@ def serve(model_path, backend, host, port, max_batch, batching, prompt_cache_mb,
 @click.option("--force", is_flag=True, help="Replace FOLDER if it exists.")
 def random_checkpoint(folder, seed, canvas_length, force):
     """Write a small random DiffusionGemma checkpoint to FOLDER (6 layers, hidden 64, 8 experts, a byte-level
-    tokenizer and a chat template; under 1 MB) to try every command on. Its output is noise."""
+    tokenizer and a chat template; 2.3 MB) to try every command on. Its output is noise."""
     from pathlib import Path
 
     from .random_model import write_random_checkpoint
