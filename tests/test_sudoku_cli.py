@@ -194,3 +194,16 @@ def test_text_prompts_to_a_sudoku_model_are_refused_by_the_task_hook():
         check_prompt([{"role": "user", "content": PUZZLES[0]}])
     check_prompt(PUZZLES[0])
     check_prompt(encode_prompt(PUZZLES[0]))  # token ids are the caller's business
+
+
+def test_the_api_hook_refuses_text_for_a_sudoku_checkpoint_only(sudoku_ckpt, random_default):
+    """`dgemma.tasks.check_prompt(checkpoint, prompt)`: the one call `Model.encode_prompt` makes."""
+    from dgemma.checkpoint import Checkpoint
+    from dgemma.errors import InputError
+    from dgemma.tasks import check_prompt
+
+    sudoku = Checkpoint(sudoku_ckpt)
+    with pytest.raises(InputError, match="this model is a Sudoku solver"):
+        check_prompt(sudoku, "Why is the sky blue?")
+    check_prompt(sudoku, PUZZLES[0])
+    check_prompt(Checkpoint(random_default), "Why is the sky blue?")  # a text model takes any text

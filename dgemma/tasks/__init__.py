@@ -17,6 +17,7 @@ Hugging Face checkpoint) is plain text. A task is a module registered here by na
 from __future__ import annotations
 
 import importlib
+import weakref
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -51,6 +52,19 @@ def declared_task(checkpoint) -> str:
 def task_of(checkpoint) -> ModuleType | None:
     """The task module of a Checkpoint, None for a plain text model."""
     return task_module(declared_task(checkpoint))
+
+
+_TASK_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def check_prompt(checkpoint, prompt) -> None:
+    """InputError when a prompt is not one the checkpoint's task takes (a text question to the Sudoku model); nothing
+    for a text model. `Model.encode_prompt` calls it, so the API refuses what the CLI refuses."""
+    if checkpoint not in _TASK_OF:
+        _TASK_OF[checkpoint] = task_of(checkpoint)
+    task = _TASK_OF[checkpoint]
+    if task is not None:
+        task.check_prompt(prompt)
 
 
 def prompt_task(prompts: list[str]) -> str:
