@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -207,3 +208,16 @@ def test_the_api_hook_refuses_text_for_a_sudoku_checkpoint_only(sudoku_ckpt, ran
         check_prompt(sudoku, "Why is the sky blue?")
     check_prompt(sudoku, PUZZLES[0])
     check_prompt(Checkpoint(random_default), "Why is the sky blue?")  # a text model takes any text
+
+
+def test_request_checker_is_the_puzzles_checker():
+    from dgemma.tasks.sudoku import request_checker
+    from dgemma.tasks.sudoku.task import DIGIT_IDS, encode_prompt, encode_target, make_checker
+
+    puzzle, solution = generate_dataset(1, "easy", seed=5)[0]
+    canvas = np.array(encode_target(solution))
+    canvas[[0, 1]] = canvas[[1, 0]]  # two swapped cells break rules (and a given, where there is one)
+    canvas[2] = DIGIT_IDS[0] if canvas[2] != DIGIT_IDS[0] else DIGIT_IDS[1]
+    want = make_checker([puzzle])(0, canvas)
+    assert want.any()
+    assert (request_checker(None, encode_prompt(puzzle))(0, canvas) == want).all()

@@ -10,6 +10,8 @@ Hugging Face checkpoint) is plain text. A task is a module registered here by na
     run_generate(model, prompts, options: GenerateOptions)
                                      what `dgemma generate` does and prints for such a model
     cli_command() -> click.Command   the task's own command (`dgemma sudoku ...`)
+    request_checker(model, prompt_ids)
+                                     the constraint checker for one request (the server's attempts / retries)
     matches_legacy(checkpoint) -> bool
                                      whether an older checkpoint of this task that lacks the key is one
 """

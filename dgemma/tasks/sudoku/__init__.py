@@ -56,6 +56,16 @@ def matches_legacy(checkpoint) -> bool:
     return tok.token_to_id(CELL_TOKENS[0]) == CELL_IDS[0] and tok.token_to_id(CELL_TOKENS[-1]) == CELL_IDS[-1]
 
 
+def request_checker(model, prompt_ids):
+    """The constraint checker for one request whose prompt (token ids) encodes a puzzle: `checker(row, canvas)` flags
+    digits that repeat in a row, column or box or overwrite a given (every row of the request is that puzzle)."""
+    from .task import BOS, decode_board, make_checker
+
+    ids = list(prompt_ids)
+    cells = ids[1:] if ids and ids[0] == BOS else ids  # <bos> + 81 cells + <sep> + the cell tokens
+    return make_checker([decode_board(cells)])
+
+
 def run_generate(model, prompts: list[str], options) -> None:
     from .cli import run_generate as run
 
