@@ -29,8 +29,9 @@ from dgemma.checkpoint import WEIGHTS_INDEX, Checkpoint, hub_file, resolve_model
 from dgemma.config import ModelConfig, read_json
 from dgemma.errors import CheckpointError, DgemmaError, InputError
 
-from .plan import (CHUNK_BYTES, DTYPE_ALIASES, FLOAT_ST, MAX_WORKERS, Action, Target, estimate_peak, logical_from_config,
-                   numel, optional_text_tensor, plan_conversion, resolve_target, text_shapes, vision_shapes)
+from .plan import (CHUNK_BYTES, DTYPE_ALIASES, FLOAT_ST, MAX_WORKERS, Action, Target, estimate_peak,
+                   logical_from_config, numel, optional_text_tensor, plan_conversion, resolve_target, text_shapes,
+                   vision_shapes)
 
 FORMATS = ("hf", "mlx", "cuda")
 MLX_BITS = (4, 8)

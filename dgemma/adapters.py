@@ -52,7 +52,7 @@ def peft_tensors(adapters: dict, copy=lambda t: t) -> dict:
 
 
 def _pattern(names) -> str:
-    """One alternation over module names, their layer index generalised (layers.3.mlp.up_proj -> layers\\.\\d+\\....)."""
+    """One alternation over module names, each layer index generalised (layers.3.mlp.up_proj -> layers\\.\\d+...)."""
     parts = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in names})
     return "(?:" + "|".join(parts) + ")"
 
@@ -114,8 +114,13 @@ def read_adapter_config(path: str | os.PathLike, metadata: dict | None) -> dict:
     folder_config = Path(path) / "adapter_config.json"
     if not meta and folder_config.exists():
         meta = json.loads(folder_config.read_text())
-    if meta.get("use_rslora"):
-        raise ValueError(f"{path}: rank-stabilised LoRA (use_rslora) is not supported; dgemma scales by alpha / r")
+    unsupported = [k for k in ("use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern",
+                               "modules_to_save", "layers_to_transform") if meta.get(k)]
+    if meta.get("bias", "none") != "none":
+        unsupported.append(f"bias={meta['bias']}")
+    if unsupported:
+        raise ValueError(f"{path}: LoRA options dgemma's adapters do not have: {', '.join(unsupported)} (dgemma "
+                         "adds B A alpha / r to each targeted linear, one rank and alpha for all)")
     if "target_modules" in meta:
         meta = dict(meta, target_modules=target_names(meta["target_modules"]))
     return meta
@@ -127,6 +132,9 @@ def check_adapter_names(file, have, want) -> None:
     have_names = set(have)
     encoder = {k.replace(PEFT_PREFIX + DECODER, PEFT_PREFIX + ENCODER, 1): k for k in want
                if k.startswith(PEFT_PREFIX + DECODER + SHARED)}
+    if encoder and not have_names & set(encoder) and _written_by_peft(file):
+        raise ValueError(f"{file}: the adapter adapts the decoder's layers only; dgemma runs one set of layers for the "
+                         "encoder and the decoder, so it needs the encoder's adapters too, tied to the decoder's")
     extra = have_names - set(want) - (set(encoder) if have_names & set(encoder) else set())
     missing = (set(want) | (set(encoder) if have_names & set(encoder) else set())) - have_names
     if extra or missing:
@@ -137,6 +145,13 @@ def check_adapter_names(file, have, want) -> None:
             module = dec[len(PEFT_PREFIX + DECODER):].rsplit(".lora_", 1)[0]
             raise ValueError(f"{file}: {module} has different adapters in the encoder and the decoder; dgemma runs one "
                              "set of layers for both, so their adapters must be equal")
+
+
+def _written_by_peft(file) -> bool:
+    """PEFT records its version in adapter_config.json; dgemma's earlier files (decoder names only, applied to both
+    passes) do not."""
+    config = Path(file).parent / "adapter_config.json"
+    return config.exists() and "peft_version" in json.loads(config.read_text())
 
 
 def _equal(a, b) -> bool:

@@ -68,8 +68,8 @@ def _local_config(path: Path) -> dict | None:
 def _quantization(cfg: dict, where: Path) -> str | None:
     """The `--quantization` vLLM needs for this checkpoint, or a CheckpointError for a format vLLM cannot read."""
     if cfg.get("quantization"):
-        raise CheckpointError(f"{where}: an MLX-quantized checkpoint, which vLLM cannot load; point vLLM at the original "
-                              "checkpoint or convert it with `dgemma convert SRC DST --to cuda --quant fp8`")
+        raise CheckpointError(f"{where}: an MLX-quantized checkpoint, which vLLM cannot load; point vLLM at the "
+                              "original checkpoint or convert it with `dgemma convert SRC DST --to cuda --quant fp8`")
     qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
     if not qc:
         return None
@@ -101,9 +101,10 @@ def plan_vllm_command(model_ref, *, served_model_name: str | None = None, host: 
         canvas = cfg.get("canvas_length")
         if quant == "compressed-tensors":
             fmt = (cfg.get("quantization_config") or {}).get("format")
-            notes.append(f"{local.name}: a compressed-tensors checkpoint ({fmt}), read by vLLM's compressed-tensors loader")
-    notes.append("flags from vLLM's DiffusionGemma recipe; dgemma's sampler knobs (entropy bound, steps) are not mapped "
-                 "onto vLLM flags")
+            notes.append(f"{local.name}: a compressed-tensors checkpoint ({fmt}), read by vLLM's compressed-tensors "
+                         "loader")
+    notes.append("flags from vLLM's DiffusionGemma recipe; dgemma's sampler knobs (entropy bound, steps) are not "
+                 "mapped onto vLLM flags")
     argv = vllm_command(ref, served_model_name=served_model_name, host=host, port=port, max_model_len=max_model_len,
                         max_num_seqs=max_num_seqs, canvas_length=canvas, quantization=quant)
     return VllmPlan(argv, notes)

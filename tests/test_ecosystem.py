@@ -92,7 +92,8 @@ def reference_logits(model, canvas_ids, sc) -> np.ndarray:
     ids, mask = padded([PROMPT])
     oracle.prefill(ids, mask)
     canvas = torch.as_tensor(canvas_ids)
-    return np.stack([oracle.denoise(canvas).float().numpy(), oracle.denoise(canvas, torch.as_tensor(sc)).float().numpy()])
+    plain, conditioned = oracle.denoise(canvas), oracle.denoise(canvas, torch.as_tensor(sc))
+    return np.stack([plain.float().numpy(), conditioned.float().numpy()])
 
 
 def dgemma_logits(model, canvas_ids, sc) -> np.ndarray:
@@ -218,6 +219,17 @@ def test_untied_peft_adapter_is_refused(src, tmp_path):
     model = dgemma.load(src, backend="cuda")
     with pytest.raises(ValueError, match="different adapters in the encoder and the decoder"):
         recipe.load_lora(model.backend.model, tmp_path / "untied")
+    decoder_only = (r"model\.decoder\.layers\.\d+\.(?:self_attn|mlp)\.\w+_proj"
+                    r"|model\.decoder\.self_conditioning\.\w+_proj")
+    tuned = peft.get_peft_model(load_reference(src), peft.LoraConfig(r=2, lora_alpha=4, target_modules=decoder_only))
+    tuned.save_pretrained(str(tmp_path / "decoder-only"))
+    with pytest.raises(ValueError, match="decoder's layers only"):
+        recipe.load_lora(dgemma.load(src, backend="cuda").backend.model, tmp_path / "decoder-only")
+    tuned = peft.get_peft_model(load_reference(src), peft.LoraConfig(r=2, target_modules=LANGUAGE_MODEL_LINEARS,
+                                                                     use_dora=True))
+    tuned.save_pretrained(str(tmp_path / "dora"))
+    with pytest.raises(ValueError, match="use_dora"):
+        recipe.load_lora(dgemma.load(src, backend="cuda").backend.model, tmp_path / "dora")
 
 
 # -- compressed-tensors (vLLM's reader of quantized checkpoints) -----------------------------------------------------
@@ -272,8 +284,8 @@ def test_compressed_tensors_decompresses_dgemma_output(src, tmp_path, fmt):
         assert torch.equal(theirs[k].float(), want.float()), k
     int4 = sum(k.endswith(".weight_packed") for k in stored)
     fp8 = sum(stored[k].dtype == torch.float8_e4m3fn for k in stored)
-    print(f"\n{fmt}: {len(stored)} stored tensors, {fp8} FP8 and {int4} int4 linears decompressed by compressed-tensors "
-          f"{ct.__version__} equal dgemma's dequantization")
+    print(f"\n{fmt}: {len(stored)} stored tensors, {fp8} FP8 and {int4} int4 linears decompressed by "
+          f"compressed-tensors {ct.__version__} equal dgemma's dequantization")
     assert (fp8 > 0) == (fmt != "int4") and (int4 > 0) == fmt.startswith("int4")
 
 
@@ -326,8 +338,8 @@ def compress_with_compressed_tensors(src: Path, dst: Path, fmt: str) -> None:
             continue
         view = w.reshape(w.shape[0], -1, 32) if fmt == "int4" else w.unsqueeze(1)
         scale, _ = calculate_qparams(view.amin(-1), view.amax(-1), weights)
-        out.update({f"{module}.{k}": v.contiguous() for k, v in compressor.compress({"weight": w, "weight_scale": scale},
-                                                                                    scheme).items()})
+        compressed = compressor.compress({"weight": w, "weight_scale": scale}, scheme)
+        out.update({f"{module}.{k}": v.contiguous() for k, v in compressed.items()})
     dst.mkdir()
     save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
@@ -367,10 +379,10 @@ def test_compressed_tensors_checkpoint_loads_in_dgemma(src, tmp_path, fmt):
 
 
 # -- vLLM: the printed command -----------------------------------------------------------------------------------------
-# Options of `vllm serve` this command may use, each from vLLM's own sources (cited in dgemma/vllm.py): its DiffusionGemma
-# recipe (--max-num-seqs, --generation-config, --gpu-memory-utilization) and its engine arguments.
-VLLM_SERVE_OPTIONS = {"--served-model-name", "--host", "--port", "--quantization", "--max-model-len", "--diffusion-config",
-                      "--max-num-seqs", "--generation-config", "--gpu-memory-utilization"}
+# Options of `vllm serve` this command may use, each from vLLM's own sources (cited in dgemma/vllm.py): its
+# DiffusionGemma recipe (--max-num-seqs, --generation-config, --gpu-memory-utilization) and its engine arguments.
+VLLM_SERVE_OPTIONS = {"--served-model-name", "--host", "--port", "--quantization", "--max-model-len",
+                      "--diffusion-config", "--max-num-seqs", "--generation-config", "--gpu-memory-utilization"}
 
 
 def _vllm_line(*args) -> tuple[int, list[str], str]:

@@ -86,7 +86,8 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, dtype=torch.bfloa
     g = group_size or infer_group(K, scale.shape[-1])
     w = q * scale.float().repeat_interleave(g, dim=-1)[..., :K]
     if shape is not None and tuple(int(s) for s in shape) != tuple(w.shape):
-        raise ValueError(f"int4 tensor unpacks to {tuple(w.shape)}, its shape tensor says {tuple(int(s) for s in shape)}")
+        stored = tuple(int(s) for s in shape)
+        raise ValueError(f"int4 tensor unpacks to {tuple(w.shape)}, its shape tensor says {stored}")
     return w.to(dtype)
 
 
@@ -386,7 +387,8 @@ def install_quantized_modules(model: nn.Module, checkpoint, sanitize, device, dt
         if kinds == {"fp8"}:
             new = FP8Experts(_fp8_experts(parts["gate_up_proj"], read), _fp8_experts(parts["down_proj"], read))
         elif kinds == {"int4"}:
-            new = Int4Experts(_int4_experts(parts["gate_up_proj"], read), _int4_experts(parts["down_proj"], read), group)
+            new = Int4Experts(_int4_experts(parts["gate_up_proj"], read), _int4_experts(parts["down_proj"], read),
+                              group)
         else:  # float slices, or a mix: dense experts
             for param, e in parts.items():
                 _put(model, f"{mod}.{param}", _dense(e, read, dtype, group), device, dtype)
