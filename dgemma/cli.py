@@ -219,8 +219,8 @@ def _read_prompts(prompt, prompt_file) -> list[str]:
 @click.argument("dst", required=False)
 @click.option("--to", "to", required=True, help="hf (plain float), mlx (MLX layout, optionally quantized) or cuda.")
 @click.option("--bits", type=int, default=None, help="MLX affine quantization: 4 or 8.")
-@click.option("--group-size", type=int, default=None, help="Quantization group: 32, 64 or 128 (MLX default 64, "
-              "CUDA int4 default 128).")
+@click.option("--group-size", type=int, default=None, help="Quantization group: 32, 64 or 128 (MLX default 64; "
+              "CUDA int4: whole groups, default the largest that divides the experts' widths, 64 on the real model).")
 @click.option("--mixed", is_flag=True, help="MLX: 4-bit experts, 8-bit attention, dense MLP, router and embedding.")
 @click.option("--quant", default=None, help="CUDA: fp8 (e4m3, per-channel scales) or int4 (experts; rest bf16/FP8).")
 @click.option("--rest", default=None, help="With --quant int4: fp8 or bf16 for the non-expert weights.")
