@@ -135,7 +135,7 @@ class Model:
 
     def generate(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
                  checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False,
-                 renoise: bool = True, on_step=None, **sampler: Any) -> Generation:
+                 renoise: bool = True, on_step=None, on_canvas=None, **sampler: Any) -> Generation:
         """Generate for one prompt (text, chat messages or token ids). Sampler overrides: max_new_tokens,
         max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold,
         eos_token_ids, pad_token_id. `checker(row, canvas_tokens) -> bool mask` turns on constraint-aware sampling
@@ -144,16 +144,17 @@ class Model:
         `attempts=K` denoises K canvases of the prompt side by side, each with its own noise, in one batch; the
         first that passes the checker is kept (else the one the checker flags least). `stop_when_valid` ends a canvas
         as soon as it passes the checker (for a checker that verifies a whole answer). `renoise=False` keeps the
-        checker off the canvas while it is denoised (it then only judges finished canvases)."""
+        checker off the canvas while it is denoised (it then only judges finished canvases). `on_canvas(chunk)` sees
+        each committed canvas as a CanvasChunk (what `stream` yields)."""
         return self.generate_batch([prompt], seeds=None if seed is None else [seed], chat=chat,
                                    noises=None if noise is None else [noise], checker=checker,
                                    max_retries=max_retries, attempts=attempts, stop_when_valid=stop_when_valid,
-                                   renoise=renoise, on_step=on_step, **sampler)[0]
+                                   renoise=renoise, on_step=on_step, on_canvas=on_canvas, **sampler)[0]
 
     def generate_batch(self, prompts: Sequence[Prompt], *, seeds: Sequence[int] | None = None,
                        chat: bool | None = None, noises=None, checker=None, max_retries: int = 0, attempts: int = 1,
                        stop_when_valid: bool = False, renoise: bool = True, groups: Sequence[int] | None = None,
-                       on_step=None, **sampler: Any) -> list[Generation]:
+                       on_step=None, on_canvas=None, **sampler: Any) -> list[Generation]:
         """Generate for several prompts in one batch (left-padded); each row has its own seed. `checker`,
         `max_retries`, `attempts` and `stop_when_valid` as in `generate` (the checker's row is the prompt's index).
         `groups` (one id per prompt, instead of `attempts`) makes prompts with the same id parallel attempts at one
@@ -164,8 +165,10 @@ class Model:
                                          on_step=on_step)
         engine = Engine(self.backend)
         handles = engine.submit_group(requests)
-        for _ in engine.run(handles):
-            pass
+        chunks = {h.id: _Chunker(self.tokenizer, requests[0].settings) for h in handles}
+        for ev in engine.run(handles):
+            if on_canvas is not None and isinstance(ev, CanvasEvent):
+                on_canvas(chunks[ev.handle.id].add(ev))
         _raise_failure(handles)
         results = [None] * sum(len(m) for m in order)
         for handle, members in zip(handles, order):
@@ -183,24 +186,14 @@ class Model:
                                      None if noise is None else [noise], sampler, attempts, None, checker=checker,
                                      max_retries=max_retries, stop_when_valid=stop_when_valid, renoise=renoise,
                                      on_step=on_step)
-        settings = requests[0].settings
         engine = Engine(self.backend)
         handle = engine.submit(requests[0])
-        raw: list[int] = []
-        produced, text_so_far = 0, ""
+        chunker = _Chunker(self.tokenizer, requests[0].settings)
         for ev in engine.run([handle]):
             if isinstance(ev, FailedEvent):
                 raise ev.error
-            if not isinstance(ev, CanvasEvent):
-                continue
-            raw.extend(int(t) for t in ev.tokens)
-            toks = _visible(ev.tokens.tolist(), settings)[: max(0, settings.max_new_tokens - produced)]
-            produced += len(toks)
-            chunk_text = ""
-            if self.tokenizer is not None:
-                full = self.tokenizer.decode(_visible(raw, settings)[: settings.max_new_tokens])
-                chunk_text, text_so_far = full[len(text_so_far):], full
-            yield CanvasChunk(ev.block, chunk_text, toks, ev.steps, ev.finished)
+            if isinstance(ev, CanvasEvent):
+                yield chunker.add(ev)
 
     def _requests(self, prompts, seeds, chat, noises, sampler, attempts, groups, **options):
         """The engine requests of one call, and which prompts each one answers."""
@@ -244,6 +237,26 @@ class Model:
             retries=r.retries, attempts=r.attempts, chosen=r.chosen, cached_tokens=r.cached_tokens)
         text = self.tokenizer.decode(r.token_ids) if self.tokenizer is not None else ""
         return Generation(text, r.token_ids, stats, r.raw_token_ids)
+
+
+class _Chunker:
+    """Turns a request's committed canvases into CanvasChunks: the tokens and the text each one adds."""
+
+    def __init__(self, tokenizer, settings: SamplerSettings):
+        self.tokenizer, self.settings = tokenizer, settings
+        self.raw: list[int] = []
+        self.produced, self.text = 0, ""
+
+    def add(self, ev: CanvasEvent) -> CanvasChunk:
+        s = self.settings
+        self.raw.extend(int(t) for t in ev.tokens)
+        toks = _visible(ev.tokens.tolist(), s)[: max(0, s.max_new_tokens - self.produced)]
+        self.produced += len(toks)
+        piece = ""
+        if self.tokenizer is not None:
+            full = self.tokenizer.decode(_visible(self.raw, s)[: s.max_new_tokens])
+            piece, self.text = full[len(self.text):], full
+        return CanvasChunk(ev.block, piece, toks, ev.steps, ev.finished)
 
 
 def _pad_to_batch(results: list[RequestResult], canvas: int, pad_id) -> None:

@@ -2,8 +2,7 @@
 
 Committed text is printed plainly; the canvas being denoised shows the model's current argmax token at every position,
 firm (bold) where the sampler accepted its sample this step and dim where the position is re-noised. The view is fed by
-the scheduler's `on_step` hook (`run_blocks` is driven directly, with the same noise and settings `Model.generate`
-uses, so the result is the same generation).
+`Model.generate`'s per-pass (`on_step`) and per-canvas (`on_canvas`) hooks, so the result is the same generation.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .api import Generation, Model, Prompt, _visible
-from .scheduler import BatchRun, run_blocks
+from .api import Generation, Model, Prompt
 
 
 def _piece(tokenizer, t: int) -> str:
@@ -41,42 +39,37 @@ def render_canvas(committed: str, tokens, accepted, tokenizer, header: str):
 def generate_live(model: Model, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None,
                   console=None, refresh_per_second: float = 15.0, **sampler: Any) -> Generation:
     """Generate one prompt while drawing each denoising step; returns what `model.generate` returns for the same
-    prompt, seed and settings."""
+    prompt, seed and settings (it is that call, with the engine's per-pass and per-canvas hooks)."""
     from rich.console import Console
     from rich.live import Live
 
     console = console if console is not None else Console()
     settings = model.settings(**sampler)
-    ids = model.encode_prompt(prompt, chat)
     seed = seed if seed is not None else secrets.randbits(63)
-    noise = model.backend.row_noise(seed)
-    run = BatchRun([len(ids)])
     ops = model.backend.ops
     tok = model.tokenizer
     N = settings.max_denoising_steps
-    committed = ""
+    shown = {"committed": "", "last": 0.0}
     min_gap = 1.0 / refresh_per_second if refresh_per_second > 0 else 0.0
-    last = [0.0]
-    started = time.perf_counter()
     with Live(render_canvas("", None, None, tok, "canvas 1 · starting"), console=console,
               auto_refresh=False, transient=False) as live:
 
         def on_step(block, step, argmax, accepted):
             now = time.perf_counter()
-            if now - last[0] < min_gap and step != N:
+            if now - shown["last"] < min_gap and step != N:
                 return
-            last[0] = now
+            shown["last"] = now
             toks = np.asarray(ops.to_numpy(argmax)).reshape(-1)
             acc = np.asarray(ops.to_numpy(accepted)).reshape(-1).astype(bool)
             header = f"canvas {block + 1} · step {step}/{N} · accepted {int(acc.sum())}/{acc.size}"
-            live.update(render_canvas(committed, toks, acc, tok, header), refresh=True)
+            live.update(render_canvas(shown["committed"], toks, acc, tok, header), refresh=True)
 
-        for ev in run_blocks(model.backend, [ids], settings, [noise], on_step=on_step, run=run):
-            visible = _visible(run.raw_tokens(0), settings)[: settings.max_new_tokens]
-            committed = tok.decode(visible) if tok is not None else " ".join(map(str, visible))
-            live.update(render_canvas(committed, None, None, tok,
-                                      f"canvas {ev.block + 1} committed after {ev.steps[0]} steps"), refresh=True)
-    return model._results(run, settings, [ids], time.perf_counter() - started)[0]
+        def on_canvas(chunk):
+            shown["committed"] += chunk.text if tok is not None else " ".join(map(str, chunk.token_ids))
+            live.update(render_canvas(shown["committed"], None, None, tok,
+                                      f"canvas {chunk.index + 1} committed after {chunk.steps} steps"), refresh=True)
+
+        return model.generate(prompt, seed=seed, chat=chat, on_step=on_step, on_canvas=on_canvas, **sampler)
 
 
 def show_canvas_cli(model: Model, prompts: list[str], *, seed, chat, sampler: dict, stats: bool) -> None:

@@ -7,7 +7,7 @@ import pytest
 import dgemma
 from dgemma.errors import InputError
 from dgemma.sampler import ScriptedNoise
-from dgemma.scheduler import attempt_seed
+from dgemma.engine import attempt_seed
 
 KW = dict(max_new_tokens=16, max_denoising_steps=6, eos_token_ids=[], pad_token_id=None)
 TWO_BLOCKS = dict(KW, max_new_tokens=32)

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_import_dgemma_pulls_in_no_framework():
-    code = ("import sys, dgemma, dgemma.api, dgemma.cli, dgemma.sampler, dgemma.scheduler, dgemma.checkpoint; "
+    code = ("import sys, dgemma, dgemma.api, dgemma.cli, dgemma.sampler, dgemma.engine, dgemma.checkpoint; "
             "bad = [m for m in ('torch', 'mlx', 'transformers') if m in sys.modules]; print(bad); "
             "sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -2,8 +2,8 @@
 
 from .engine import BATCHING_MODES, Engine, attempt_seed, left_pad
 from .prompt_cache import PromptCache
-from .request import (CanvasEvent, ConstraintChecker, DoneEvent, DraftEvent, FailedEvent, Handle, Request,
-                      RequestResult)
+from .request import (CanvasEvent, Checker, ConstraintChecker, DoneEvent, DraftEvent, FailedEvent, Handle, Request,
+                      RequestResult, as_checker)
 
-__all__ = ["BATCHING_MODES", "CanvasEvent", "ConstraintChecker", "DoneEvent", "DraftEvent", "Engine", "FailedEvent",
-           "Handle", "PromptCache", "Request", "RequestResult", "attempt_seed", "left_pad"]
+__all__ = ["BATCHING_MODES", "CanvasEvent", "Checker", "ConstraintChecker", "DoneEvent", "DraftEvent", "Engine", "FailedEvent",
+           "Handle", "PromptCache", "Request", "RequestResult", "as_checker", "attempt_seed", "left_pad"]

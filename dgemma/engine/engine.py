@@ -26,7 +26,8 @@ from ..backend import Backend
 from ..errors import InputError
 from ..sampler import step_with_temperature, temperature
 from .prompt_cache import PromptCache
-from .request import (CanvasEvent, DoneEvent, DraftEvent, FailedEvent, Handle, Request, RequestResult)
+from .request import (CanvasEvent, DoneEvent, DraftEvent, FailedEvent, Handle, Request, RequestResult,
+                      as_checker)
 from .state import Job, Row, pad_after_eos, visible_tokens
 
 BATCHING_MODES = ("merged", "exact")
@@ -86,6 +87,7 @@ class Engine:
             handle = Handle(req)
             jobs.append(Job(handle, req.prompts()))
         for job in jobs:
+            job.checker = as_checker(job.request.checker)
             self.jobs[job.handle.id] = job
         self.waiting.append(jobs)
         return [j.handle for j in jobs]
@@ -494,14 +496,9 @@ class Engine:
         for n, j in enumerate(which):
             by_checker.setdefault(id(rows[j].job.request.checker), []).append(n)
         for lines in by_checker.values():
-            checker = rows[which[lines[0]]].job.request.checker
+            checker = rows[which[lines[0]]].job.checker
             ids = np.asarray([rows[which[n]].checker_row for n in lines])
-            many = getattr(checker, "many", None)
-            if many is not None:
-                out[lines] = np.asarray(many(ids, tokens[lines]), dtype=bool)
-            else:
-                for n, rid in zip(lines, ids):
-                    out[n] = np.asarray(checker(int(rid), tokens[n]), dtype=bool)
+            out[lines] = np.asarray(checker.many(ids, tokens[lines]), dtype=bool)
         return out
 
     def _judge(self, rows: list[Row], argmax, stop: np.ndarray):

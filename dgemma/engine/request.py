@@ -13,8 +13,36 @@ from ..config import SamplerSettings
 
 ConstraintChecker = Callable[[int, np.ndarray], np.ndarray]
 """checker(row, canvas_tokens [C]) -> bool [C]: the positions whose token breaks a known constraint of that row's
-task (for Sudoku: a digit repeated in its row, column or box, or a given overwritten). A checker may also have
-`many(rows [n], canvas_tokens [n, C]) -> bool [n, C]`, which the engine then calls once per pass."""
+task (for Sudoku: a digit repeated in its row, column or box, or a given overwritten)."""
+
+
+class Checker:
+    """A constraint checker as the engine calls it: `many(rows [n], canvas_tokens [n, C]) -> bool [n, C]`, once per
+    pass for all live rows. Subclass it and override `many` for a vectorised check; a plain function
+    `checker(row, tokens)` is wrapped by `as_checker`."""
+
+    def __call__(self, row: int, tokens: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def many(self, rows, tokens: np.ndarray) -> np.ndarray:
+        return np.stack([np.asarray(self(int(r), t), dtype=bool) for r, t in zip(rows, tokens)]).reshape(tokens.shape)
+
+
+class _FunctionChecker(Checker):
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, row, tokens):
+        return self.fn(row, tokens)
+
+
+def as_checker(checker) -> Checker | None:
+    """The checker as a `Checker` (a function, or an object with `__call__` and maybe `many`)."""
+    if checker is None or isinstance(checker, Checker):
+        return checker
+    if callable(getattr(checker, "many", None)):
+        return checker  # already speaks the engine's protocol
+    return _FunctionChecker(checker)
 
 
 @dataclass

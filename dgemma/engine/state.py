@@ -54,6 +54,7 @@ class Job:
     retries: int = 0
     retries_this_block: int = 0
     cached_tokens: int = 0
+    checker: Any = None             # the request's checker, as a dgemma.engine.Checker
     started: float = field(default_factory=time.perf_counter)
     finished: bool = False
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...scheduler import attempt_seed
+from ...engine import attempt_seed
 from .puzzles import IDENTITY, Symmetry, generate_dataset, is_valid_solution, parse, random_symmetry, violations
 
 if TYPE_CHECKING:
