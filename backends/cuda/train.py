@@ -31,8 +31,9 @@ from torch import nn
 
 from dgemma.config import ModelConfig
 from dgemma.training import (LORA_TARGETS, TrainConfig, TrainLoop, adapter_config, adapter_file,  # noqa: F401
-                             check_adapter_names, peft_key, read_adapter_config, step_seed, write_adapter,
-                             write_checkpoint)
+                             check_adapter_names, corrupt_tokens, draw_schedule, noise_rng, objective_inputs,
+                             peft_key, read_adapter_config, step_seed, write_adapter, write_checkpoint)
+from dgemma.training import diffusion_objective as core_objective
 
 from .model import DiffusionGemmaText, KVState, sanitize
 
@@ -83,8 +84,13 @@ def compile_hot_paths() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def corrupt(targets: torch.Tensor, t: torch.Tensor, vocab_size: int, gen: torch.Generator | None = None):
-    """Replace each token of `targets` [B, C] by a uniform random token with probability t[b]; (noisy, replaced)."""
+def corrupt(targets: torch.Tensor, t: torch.Tensor, vocab_size: int, gen=None):
+    """Replace each token of `targets` [B, C] by a uniform random token with probability t[b]; (noisy, replaced).
+    `gen` a numpy Generator: the core's draws (`dgemma.training.corrupt_tokens`, what training uses, as the MLX
+    recipe does); a torch.Generator (or None): drawn on the device."""
+    if isinstance(gen, np.random.Generator):
+        noisy, replaced = corrupt_tokens(targets.cpu().numpy(), t.cpu().numpy(), vocab_size, gen)
+        return torch.from_numpy(noisy).to(targets.device), torch.from_numpy(replaced).to(targets.device)
     u = torch.rand(targets.shape, generator=gen, device=targets.device)
     rand = torch.randint(0, vocab_size, targets.shape, generator=gen, device=targets.device)
     replaced = u < t[:, None]
@@ -102,46 +108,65 @@ def diffusion_loss(model: DiffusionGemmaText, prompts: torch.Tensor, targets: to
                    gen: torch.Generator | None = None, prompt_valid: torch.Tensor | None = None,
                    t: torch.Tensor | None = None, sc_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Total loss and its parts for one batch: prompts [B, P], targets [B, C] (C = canvas length). `t` and
-    `sc_mask` (which rows get self-conditioning) are drawn from `gen` unless given."""
-    B, P = prompts.shape
+    `sc_mask` (which rows get self-conditioning) are drawn from `gen` unless given, then the corruption: from a numpy
+    Generator as the core draws them (in `dgemma.training.draw_noise`'s order: the MLX recipe's noise for the same
+    generator), from a torch.Generator on the device. The objective itself is the core's `diffusion_objective`
+    over `TorchPasses`."""
+    B = prompts.shape[0]
     V = model.cfg.vocab_size
     dev = prompts.device
     if prompt_valid is None:
         prompt_valid = torch.ones_like(prompts, dtype=torch.bool)
+    if isinstance(gen, np.random.Generator):
+        host_t, host_sc = draw_schedule(B, cfg, gen, None if t is None else t.cpu().numpy(),
+                                        None if sc_mask is None else sc_mask.cpu().numpy())
+        t, sc_mask = torch.from_numpy(host_t).to(dev), torch.from_numpy(host_sc).to(dev)
     if t is None:
         t = torch.rand(B, generator=gen, device=dev)
     if sc_mask is None:
         sc_mask = torch.rand(B, generator=gen, device=dev) < cfg.self_conditioning_p
     noisy, replaced = corrupt(targets, t, V, gen)
 
-    if cfg.encoder_sees_target:
-        enc_ids = torch.cat([prompts, targets], dim=1)
-        enc_valid = torch.cat([prompt_valid, torch.ones_like(targets, dtype=torch.bool)], dim=1)
-    else:
-        enc_ids, enc_valid = prompts, prompt_valid
-    state, hidden = encode_train(model, enc_ids, enc_valid, cache_length=P)
-    enc_logits = logits_train(model, hidden[:, :-1])
-    nxt = enc_ids[:, 1:]
-    m = (enc_valid[:, 1:] & enc_valid[:, :-1]).float()
-    enc_ce = F.cross_entropy(enc_logits.reshape(-1, V), nxt.reshape(-1), reduction="none").view_as(m)
-    enc_loss = (enc_ce * m).sum() / m.sum().clamp_min(1.0)
+    inputs = objective_inputs(prompts.cpu().numpy(), targets.cpu().numpy(), sc_mask.cpu().numpy(), cfg,
+                              prompt_valid.cpu().numpy())
+    loss, terms = core_objective(TorchPasses(model, dev), inputs, noisy, targets, cfg)
+    return loss, {"loss": float(loss.detach()), "decoder": float(terms["decoder"].detach()),
+                  "encoder": float(terms["encoder"].detach()), "canvas_acc": float(terms["canvas_acc"]),
+                  "noise": float(replaced.float().mean())}
 
-    sc_probs = None
-    if bool(sc_mask.any()):
-        # The first pass runs only on the rows that use it; the others keep zeros ("no self-conditioning").
-        rows = sc_mask.nonzero().squeeze(1)
+
+class TorchPasses:
+    """The PyTorch forward passes that `dgemma.training.diffusion_objective` runs (host arrays in, tensors out)."""
+
+    def __init__(self, model: DiffusionGemmaText, device):
+        self.model, self.device = model, device
+
+    def _tensor(self, x, dtype=torch.long) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(x), device=self.device, dtype=dtype)
+
+    def encode(self, ids, valid, cache_length: int):
+        return encode_train(self.model, self._tensor(ids), self._tensor(valid, torch.bool), cache_length=cache_length)
+
+    def next_token_loss(self, hidden, ids, weight) -> torch.Tensor:
+        logits = logits_train(self.model, hidden[:, :-1])
+        nxt = self._tensor(ids)[:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), nxt.reshape(-1), reduction="none")
+        return (ce.view_as(nxt) * self._tensor(weight, torch.float32)).sum()
+
+    def first_pass(self, noisy, state, rows, index) -> torch.Tensor:
+        rows = self._tensor(rows)
         with torch.no_grad():
-            first = decode_train(model, noisy.index_select(0, rows), _select_rows(state, rows), None)
-            sc_probs = torch.zeros(B, *first.shape[1:], dtype=first.dtype, device=dev)
-            sc_probs.index_copy_(0, rows, torch.softmax(first, dim=-1))
-    logits = decode_train(model, noisy, state, sc_probs)
-    dec_loss = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1))
-    loss = dec_loss + cfg.encoder_loss_weight * enc_loss
-    with torch.no_grad():
-        acc = (logits.argmax(-1) == targets).float().mean()
-    return loss, {"loss": float(loss.detach()), "decoder": float(dec_loss.detach()),
-                  "encoder": float(enc_loss.detach()),
-                  "canvas_acc": float(acc), "noise": float(replaced.float().mean())}
+            probs = torch.softmax(decode_train(self.model, noisy.index_select(0, rows), _select_rows(state, rows)), -1)
+            probs = torch.cat([probs, probs.new_zeros((1,) + probs.shape[1:])])
+            return probs.index_select(0, self._tensor(index))
+
+    def decode(self, noisy, state, sc_probs) -> torch.Tensor:
+        return decode_train(self.model, noisy, state, sc_probs)
+
+    def canvas_loss(self, logits, targets):
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        with torch.no_grad():
+            return loss, (logits.argmax(-1) == targets).float().mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -350,16 +375,20 @@ class Trainer(TrainLoop):
         finally:
             self.model.train()
 
-    def train_step(self, prompts, targets, gen: torch.Generator | None = None) -> dict:
-        """One AdamW step on a batch (tensors or arrays [B, P] / [B, C]); returns the loss parts."""
+    def train_step(self, prompts, targets, gen=None, prompt_valid=None) -> dict:
+        """One AdamW step on a batch (tensors or arrays [B, P] / [B, C]; `prompt_valid` [B, P] marks left padding);
+        returns the loss parts. The noise comes from `gen`, by default the core's generator of (cfg.seed, step)
+        (`dgemma.training.noise_rng`: the MLX recipe's draws, so a seed trains the same on both backends)."""
         prompts = torch.as_tensor(prompts, device=self.device, dtype=torch.long)
         targets = torch.as_tensor(targets, device=self.device, dtype=torch.long)
+        if prompt_valid is not None:
+            prompt_valid = torch.as_tensor(np.asarray(prompt_valid), device=self.device, dtype=torch.bool)
         if gen is None:
-            gen = torch.Generator(device=self.device).manual_seed(step_seed(self.cfg.seed, self.step))
+            gen = noise_rng(self.cfg.seed, self.step)
         for g in self.opt.param_groups:
             g["lr"] = self.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
-        loss, parts = diffusion_loss(self.model, prompts, targets, self.cfg, gen)
+        loss, parts = diffusion_loss(self.model, prompts, targets, self.cfg, gen, prompt_valid)
         loss.backward()
         if self.cfg.grad_clip:
             parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip))
@@ -371,12 +400,15 @@ class Trainer(TrainLoop):
         return parts
 
     @torch.no_grad()
-    def eval_loss(self, prompts, targets, seed: int = 1234) -> float:
-        """The objective on a batch with fixed noise (t, replacements, self-conditioning coins from `seed`)."""
+    def eval_loss(self, prompts, targets, seed: int = 1234, prompt_valid=None) -> float:
+        """The objective on a batch with fixed noise (t, replacements, self-conditioning coins from `seed`);
+        `prompt_valid` [B, P] marks left padding."""
         prompts = torch.as_tensor(prompts, device=self.device, dtype=torch.long)
         targets = torch.as_tensor(targets, device=self.device, dtype=torch.long)
+        if prompt_valid is not None:
+            prompt_valid = torch.as_tensor(np.asarray(prompt_valid), device=self.device, dtype=torch.bool)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        loss, _ = diffusion_loss(self.model, prompts, targets, self.cfg, gen)
+        loss, _ = diffusion_loss(self.model, prompts, targets, self.cfg, gen, prompt_valid)
         return float(loss)
 
     @torch.no_grad()

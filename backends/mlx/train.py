@@ -13,7 +13,8 @@ differentiable; training only uses the encoder's `cache_length` / `return_hidden
 
 The randomness of a step (t, the self-conditioning coins, the corruption) is drawn on the host with numpy: it is a few
 kilobytes per batch, it makes every step a pure function of (seed, step) on any device, and the rows that get a first
-pass are known without a device sync. Files are interchangeable with the PyTorch recipe's: LoRA adapters use the same
+pass are known without a device sync. The draws are the core's (`dgemma.training.noise_rng` / `draw_noise`), which
+the PyTorch recipe uses too, so one seed trains the same on either backend. Files are interchangeable with the PyTorch recipe's: LoRA adapters use the same
 safetensors layout and PEFT names, and `export_hf` writes the same Hugging Face checkpoint, so either backend loads
 what the other wrote. (The resumable train state is MLX's own file: optimizer states do not carry over.)
 
@@ -41,8 +42,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from dgemma.config import ModelConfig
 from dgemma.training import (LORA_TARGETS, TrainConfig, TrainLoop, adapter_config, adapter_file,  # noqa: F401
-                             check_adapter_names, peft_key, read_adapter_config, step_seed, write_adapter,
-                             write_checkpoint)
+                             check_adapter_names, draw_noise, noise_rng, objective_inputs, peft_key,
+                             read_adapter_config, step_seed, write_adapter, write_checkpoint)
+from dgemma.training import diffusion_objective as core_objective
 
 from .model import DiffusionGemmaText, KVState, quantized_paths, sanitize, sanitize_name
 
@@ -90,30 +92,6 @@ def decode_train(model: DiffusionGemmaText, canvas, state: KVState, sc_probs: mx
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def corrupt(targets, t, vocab_size: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Replace each token of `targets` [B, C] by a uniform random token with probability t[b]; (noisy, replaced),
-    host numpy arrays."""
-    rng = np.random.default_rng() if rng is None else rng
-    targets = _host(targets)
-    u = rng.random(targets.shape)
-    rand = rng.integers(0, vocab_size, targets.shape)
-    replaced = u < _host(t).astype(np.float64)[:, None]
-    return np.where(replaced, rand, targets).astype(targets.dtype), replaced
-
-
-def draw_noise(targets, cfg: TrainConfig, vocab_size: int, rng: np.random.Generator | None = None,
-               t=None, sc_mask=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """One batch's randomness, in the PyTorch recipe's order: t [B] ~ U(0, 1), the self-conditioning coins [B]
-    (probability cfg.self_conditioning_p), then the corruption. Returns (t, sc_mask, noisy, replaced); `t` and
-    `sc_mask` are drawn only when not given."""
-    rng = np.random.default_rng() if rng is None else rng
-    B = _host(targets).shape[0]
-    t = rng.random(B).astype(np.float32) if t is None else _host(t).astype(np.float32)
-    sc_mask = rng.random(B) < cfg.self_conditioning_p if sc_mask is None else _host(sc_mask).astype(bool)
-    noisy, replaced = corrupt(targets, t, vocab_size, rng)
-    return t, sc_mask, noisy, replaced
-
-
 def _select_rows(state: KVState, rows: np.ndarray) -> KVState:
     """The cache of some batch rows (gradient cut: it feeds only the no-gradient first pass)."""
     idx = mx.array(rows.astype(np.int32))
@@ -124,35 +102,38 @@ def _select_rows(state: KVState, rows: np.ndarray) -> KVState:
 def diffusion_objective(model: DiffusionGemmaText, prompts, targets, noisy, sc_mask, cfg: TrainConfig,
                         prompt_valid: np.ndarray | None = None) -> tuple[mx.array, dict]:
     """The loss for given noise, as mx arrays (differentiable: `nn.value_and_grad` runs this): (total loss,
-    {"decoder", "encoder", "canvas_acc"}). prompts [B, P], targets and noisy [B, C], sc_mask [B] host bools."""
-    prompts, targets, noisy = _ids(prompts), _ids(targets), _ids(noisy)
-    B, P = prompts.shape
-    sc_mask = _host(sc_mask).astype(bool)
-    prompt_valid = np.ones((B, P), dtype=bool) if prompt_valid is None else _host(prompt_valid).astype(bool)
-    if cfg.encoder_sees_target:
-        enc_ids = mx.concatenate([prompts, targets], axis=1)
-        enc_valid = np.concatenate([prompt_valid, np.ones(targets.shape, dtype=bool)], axis=1)
-    else:
-        enc_ids, enc_valid = prompts, prompt_valid
-    state, hidden = encode_train(model, enc_ids, enc_valid, cache_length=P)
-    enc_ce = nn.losses.cross_entropy(logits_train(model, hidden[:, :-1]), enc_ids[:, 1:])
-    pair_valid = enc_valid[:, 1:] & enc_valid[:, :-1]
-    enc_loss = (enc_ce * mx.array(pair_valid.astype(np.float32))).sum() / max(float(pair_valid.sum()), 1.0)
+    {"decoder", "encoder", "canvas_acc"}). prompts [B, P], targets and noisy [B, C], sc_mask [B] host bools. The
+    steps are the core's `dgemma.training.diffusion_objective` over `MLXPasses`."""
+    inputs = objective_inputs(_host(prompts), _host(targets), _host(sc_mask), cfg,
+                              None if prompt_valid is None else _host(prompt_valid))
+    return core_objective(MLXPasses(model), inputs, _ids(noisy), _ids(targets), cfg)
 
-    sc_probs = None
-    if sc_mask.any():
-        # The first pass runs only on the rows that use it; the others get a zero row ("no self-conditioning").
-        rows = np.flatnonzero(sc_mask)
-        first = decode_train(model, noisy[mx.array(rows.astype(np.int32))], _select_rows(state, rows))
+
+class MLXPasses:
+    """The MLX forward passes that `dgemma.training.diffusion_objective` runs (host arrays in, mx arrays out)."""
+
+    def __init__(self, model: DiffusionGemmaText):
+        self.model = model
+
+    def encode(self, ids, valid, cache_length: int):
+        return encode_train(self.model, ids, valid, cache_length=cache_length)
+
+    def next_token_loss(self, hidden, ids, weight) -> mx.array:
+        ce = nn.losses.cross_entropy(logits_train(self.model, hidden[:, :-1]), _ids(ids)[:, 1:])
+        return (ce * mx.array(weight)).sum()
+
+    def first_pass(self, noisy, state, rows, index) -> mx.array:
+        first = decode_train(self.model, noisy[mx.array(rows.astype(np.int32))], _select_rows(state, rows))
         probs = mx.stop_gradient(mx.softmax(first, axis=-1, precise=True))
         probs = mx.concatenate([probs, mx.zeros((1,) + probs.shape[1:], dtype=probs.dtype)], axis=0)
-        where = np.where(sc_mask, np.cumsum(sc_mask) - 1, len(rows)).astype(np.int32)
-        sc_probs = probs[mx.array(where)]
-    logits = decode_train(model, noisy, state, sc_probs)
-    dec_loss = nn.losses.cross_entropy(logits, targets).mean()
-    loss = dec_loss + cfg.encoder_loss_weight * enc_loss
-    acc = mx.stop_gradient((mx.argmax(logits, axis=-1) == targets).astype(mx.float32).mean())
-    return loss, {"decoder": dec_loss, "encoder": enc_loss, "canvas_acc": acc}
+        return probs[mx.array(index)]
+
+    def decode(self, noisy, state, sc_probs) -> mx.array:
+        return decode_train(self.model, noisy, state, sc_probs)
+
+    def canvas_loss(self, logits, targets):
+        loss = nn.losses.cross_entropy(logits, targets).mean()
+        return loss, mx.stop_gradient((mx.argmax(logits, axis=-1) == targets).astype(mx.float32).mean())
 
 
 def diffusion_loss(model: DiffusionGemmaText, prompts, targets, cfg: TrainConfig,
@@ -370,11 +351,6 @@ def export_hf(model: DiffusionGemmaText, folder: str | os.PathLike, config: dict
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _noise_rng(seed: int, step: int) -> np.random.Generator:
-    """The step's noise generator: a stream apart from the batch sampler's (seeded from the same (seed, step))."""
-    return np.random.default_rng([step_seed(seed, step), 1])
-
-
 class Trainer(TrainLoop):
     """AdamW (PyTorch's: bias-corrected, decoupled weight decay) on the trainable parameters (all of them but the
     layer scalars, or the LoRA adapters). Every step's batch and noise are a function of (seed, step), so a resumed
@@ -403,15 +379,16 @@ class Trainer(TrainLoop):
     def num_trainable(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
 
-    def _objective(self, prompts, targets, noisy, sc_mask):
-        return diffusion_objective(self.model, prompts, targets, noisy, sc_mask, self.cfg)
+    def _objective(self, prompts, targets, noisy, sc_mask, prompt_valid=None):
+        return diffusion_objective(self.model, prompts, targets, noisy, sc_mask, self.cfg, prompt_valid)
 
-    def train_step(self, prompts, targets, rng: np.random.Generator | None = None) -> dict:
-        """One AdamW step on a batch (arrays [B, P] / [B, C]); returns the loss parts. The noise comes from `rng`,
-        by default a generator seeded from (cfg.seed, step)."""
-        rng = _noise_rng(self.cfg.seed, self.step) if rng is None else rng
+    def train_step(self, prompts, targets, rng: np.random.Generator | None = None, prompt_valid=None) -> dict:
+        """One AdamW step on a batch (arrays [B, P] / [B, C]; `prompt_valid` [B, P] marks left padding); returns
+        the loss parts. The noise comes from `rng`, by default the core's generator of (cfg.seed, step)
+        (`dgemma.training.noise_rng`, as the PyTorch recipe draws it)."""
+        rng = noise_rng(self.cfg.seed, self.step) if rng is None else rng
         _, sc_mask, noisy, replaced = draw_noise(targets, self.cfg, self.model.cfg.vocab_size, rng)
-        (loss, terms), grads = self._loss_and_grad(prompts, targets, noisy, sc_mask)
+        (loss, terms), grads = self._loss_and_grad(prompts, targets, noisy, sc_mask, prompt_valid)
         parts = {}
         if self.cfg.grad_clip:
             grads, norm = optim.clip_grad_norm(grads, self.cfg.grad_clip)
@@ -427,9 +404,10 @@ class Trainer(TrainLoop):
         self.history.append(parts)
         return parts
 
-    def eval_loss(self, prompts, targets, seed: int = 1234) -> float:
-        """The objective on a batch with fixed noise (t, replacements, self-conditioning coins from `seed`)."""
-        loss, _ = diffusion_loss(self.model, prompts, targets, self.cfg, np.random.default_rng(seed))
+    def eval_loss(self, prompts, targets, seed: int = 1234, prompt_valid=None) -> float:
+        """The objective on a batch with fixed noise (t, replacements, self-conditioning coins from `seed`);
+        `prompt_valid` [B, P] marks left padding."""
+        loss, _ = diffusion_loss(self.model, prompts, targets, self.cfg, np.random.default_rng(seed), prompt_valid)
         return float(loss)
 
     def one_step_accuracy(self, prompts, targets, cells: int = 81, blanks=None, seed: int = 4321) -> dict:
