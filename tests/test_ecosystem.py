@@ -421,3 +421,22 @@ def test_print_vllm_command_refuses_what_vllm_cannot_load(src, tmp_path):
     convert(src, dst, to="mlx", bits=4, progress=False)
     code, argv, out = _vllm_line("--model", str(dst))
     assert code == 2 and not argv and out.strip().splitlines()[-1].startswith("error: ") and "MLX" in out
+
+
+def test_missing_expert_slice_is_one_clear_error(src, tmp_path):
+    from safetensors.torch import save_file
+
+    import dgemma
+    from dgemma.convert import convert
+    from dgemma.errors import CheckpointError
+
+    dst = tmp_path / "fp8"
+    convert(src, dst, to="cuda", quant="fp8", progress=False)
+    tensors = {k: v for k, v in load_all(dst).items() if ".layers.0.experts.1.up_proj." not in k}
+    for f in list(dst.glob("*.safetensors")) + [dst / "model.safetensors.index.json"]:
+        f.unlink()
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="expert 1 has no up_proj"):
+        dgemma.load(dst, backend="cuda")
+    with pytest.raises(CheckpointError, match="expert 1 has no up_proj"):
+        convert(dst, tmp_path / "back", to="hf", progress=False)

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgemma.errors import CheckpointError
+
 from .model import Experts
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -147,7 +149,7 @@ def _group_experts(entries: dict[str, QuantizedEntry], checkpoint) -> dict[str, 
         order = [(e, p) for e in range(1 + max(e for e, _ in slices)) for p in projs]
         missing = [k for k in order if k not in slices]
         if missing:
-            raise ValueError(f"{checkpoint.path}: {base}: expert {missing[0][0]} has no {missing[0][1]}_proj")
+            raise CheckpointError(f"{checkpoint.path}: {base}: expert {missing[0][0]} has no {missing[0][1]}_proj")
         tiles = [slices[k] for k in order]
         entries[f"{base}.{which}"] = QuantizedEntry(f"{base}.{which}", "experts",
                                                     [p for t in tiles for p in t.parts], tiles)
@@ -192,8 +194,6 @@ class _Reader:
 
     def __call__(self, part: str) -> torch.Tensor:
         from safetensors import safe_open
-
-        from dgemma.errors import CheckpointError
 
         if part not in self.checkpoint.tensors:
             raise CheckpointError(f"{self.checkpoint.path}: a quantized tensor's part {part} is missing")
@@ -381,7 +381,7 @@ def install_quantized_modules(model: nn.Module, checkpoint, sanitize, device, dt
         loaded.add(ours)
     for mod, parts in experts.items():
         if set(parts) != {"gate_up_proj", "down_proj"}:
-            raise ValueError(f"{checkpoint.path}: {mod}: gate_up_proj and down_proj must both be stored")
+            raise CheckpointError(f"{checkpoint.path}: {mod}: gate_up_proj and down_proj must both be stored")
         kinds = parts["gate_up_proj"].kinds | parts["down_proj"].kinds
         parent_path, _, attr = mod.rpartition(".")
         if kinds == {"fp8"}:
