@@ -186,21 +186,30 @@ def _peft_trained_adapter(src, folder: Path):
     return tuned
 
 
+@pytest.fixture(scope="module")
+def peft_adapter(src, tmp_path_factory):
+    """(folder, the reference's logits with it) of one PEFT-trained adapter, shared by both backends' tests."""
+    pytest.importorskip("peft")
+    folder = tmp_path_factory.mktemp("peft") / "adapter"
+    tuned = _peft_trained_adapter(src, folder)
+    cfg = tuned.base_model.model.config
+    return folder, reference_logits(tuned.base_model.model, *_inputs(cfg.get_text_config().vocab_size,
+                                                                      cfg.canvas_length))
+
+
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
-def test_peft_adapter_loads_in_dgemma(src, tmp_path, backend):
+def test_peft_adapter_loads_in_dgemma(src, peft_adapter, backend):
     if backend == "mlx":
         pytest.importorskip("mlx.core")
-    pytest.importorskip("peft")
     import dgemma
 
-    tuned = _peft_trained_adapter(src, tmp_path / "peft")
+    folder, theirs = peft_adapter
     model = dgemma.load(src, backend=backend, dtype="float32")
     recipe = pytest.importorskip(f"dgemma.backends.{backend}.train")
     canvas, sc = _inputs(model.config.vocab_size, model.config.canvas_length)
     plain = dgemma_logits(model, canvas, sc)
-    recipe.load_lora(model.backend.model, tmp_path / "peft")
+    recipe.load_lora(model.backend.model, folder)
     ours = dgemma_logits(model, canvas, sc)
-    theirs = reference_logits(tuned.base_model.model, canvas, sc)
     assert np.abs(ours - plain).max() > 100 * np.abs(theirs - ours).max(), "the adapters changed nothing"
     assert_close(ours, theirs)
 
