@@ -7,7 +7,6 @@ of tensors already converted do not pile up in the process.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -209,13 +208,11 @@ class Source:
             with self._lock:
                 fd = self._fds.get(f)
                 if fd is None:
+                    self._data_offsets[f] = _read_offsets(f)  # a CheckpointError naming the file if corrupt
                     try:
                         fd = os.open(str(f), os.O_RDONLY)
-                        self._data_offsets[f] = _read_offsets(f)
-                    except (OSError, ValueError, CheckpointError) as e:
-                        if fd is not None:
-                            os.close(fd)
-                        raise CheckpointError(f"{f}: could not open ({e})") from None
+                    except OSError as e:
+                        raise CheckpointError(f"{f}: could not open ({e.strerror or e})") from None
                     self._fds[f] = fd
         return fd
 
