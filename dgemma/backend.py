@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .config import ModelConfig
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, InputError
 
 
 FLOAT32_MIN = float(np.finfo(np.float32).min)
@@ -48,6 +48,8 @@ class ArrayOps:
     def top_k(self, x, k: int) -> Any: raise NotImplementedError         # indices of the k largest, best first
     def mask_position(self, logits, row: int, pos: int, allowed) -> Any:  # logits[row, pos, ~allowed] = -inf
         raise NotImplementedError
+    def take_along(self, x, idx) -> Any: raise NotImplementedError     # x[r, idx[r, j], ...] -> [k, A, ...]
+    def put_along(self, x, idx, values) -> Any: raise NotImplementedError  # copy of x with x[r, idx[r, j]] = values
 
     # -- optional fast paths, with their portable definitions ----------------------------------------------------
     compiled_step = None  # MLX: the whole sampler step as one compiled graph (see sampler.denoise_step)
@@ -109,9 +111,13 @@ class Backend(ABC):
         """Append tokens [k, T] to rows `rows` through the encoder (a prompt's remainder after a cached prefix)."""
 
     @abstractmethod
-    def denoise_hidden(self, cache, canvas_ids, self_conditioning=None, *, rows: slice | None = None) -> Any:
+    def denoise_hidden(self, cache, canvas_ids, self_conditioning=None, *, rows: slice | None = None,
+                       positions=None) -> Any:
         """Bidirectional decoder over the canvases [k, C] of rows `rows`: the final-normed hidden states [k, C, H].
-        `self_conditioning` is the previous pass's soft embedding [k, C, H] (None: no previous pass)."""
+        `self_conditioning` is the previous pass's soft embedding [k, C, H] (None: no previous pass). With
+        `positions` (host ints [k, A], fast mode) only those canvas positions are forwarded: canvas_ids and
+        self_conditioning hold just them, their keys/values overwrite theirs in the cache's canvas slots, and the
+        other canvas positions are attended through the keys/values an earlier pass left there."""
 
     @abstractmethod
     def lm_logits(self, hidden) -> Any:
@@ -134,6 +140,11 @@ class Backend(ABC):
     @abstractmethod
     def row_noise(self, seed: int) -> RowNoise:
         """The backend's own device RNG for one request."""
+
+    def image_embeddings(self, token_ids, images) -> np.ndarray:
+        """float32 [T, hidden] host array: one prompt's token embeddings with its images' soft tokens (the vision
+        tower's output, dgemma.vision.PreprocessedImage in prompt order) in place of its image tokens."""
+        raise InputError(f"the {self.name} backend does not take images")
 
     def select_rows(self, state, rows) -> BatchCache:
         """A new cache holding copies of rows `rows` (host ints)."""

@@ -46,6 +46,10 @@ class BatchKVCache:
     def _device_mask(self, mask: np.ndarray):
         raise NotImplementedError
 
+    def _set_at(self, buf, rows: np.ndarray, slots: np.ndarray, value):
+        """buf[rows[j], :, slots[j, a]] = value[j, :, a] for value [k, heads, A, dim]."""
+        raise NotImplementedError
+
     def _snapshot(self, view):
         """A value that stays put while the buffer it views is written (a copy where views alias)."""
         return view
@@ -125,6 +129,21 @@ class BatchKVCache:
         """Write the canvas's keys/values after each row's kept slots; return what the canvas attends to."""
         sliding = self.sliding[i]
         self._write(i, rows, lay.sliding_write if sliding else lay.full_write, k, v)
+        if sliding not in masks:
+            mask = lay.sliding_mask if sliding else lay.full_mask
+            masks[sliding] = None if mask is None else self._device_mask(mask[:, None, None])
+        span = lay.sliding_span if sliding else lay.full_span
+        return self.key_buffers[i][rows, :, :span], self.value_buffers[i][rows, :, :span], masks[sliding]
+
+    def decode_kv_at(self, i: int, rows: slice, lay: DecodeLayout, positions: np.ndarray, k, v, masks: dict):
+        """Fast mode: write the keys/values of canvas positions `positions` [k, A] only; the other canvas slots keep
+        what an earlier pass wrote there."""
+        sliding = self.sliding[i]
+        start = lay.sliding_write if sliding else lay.full_write
+        row_ids = np.arange(*rows.indices(self.rows))
+        slots = start[:, None] + positions
+        self.key_buffers[i] = self._set_at(self.key_buffers[i], row_ids, slots, k)
+        self.value_buffers[i] = self._set_at(self.value_buffers[i], row_ids, slots, v)
         if sliding not in masks:
             mask = lay.sliding_mask if sliding else lay.full_mask
             masks[sliding] = None if mask is None else self._device_mask(mask[:, None, None])

@@ -36,14 +36,15 @@ def entropy_bound_accept(ops: ArrayOps, entropy, bound: float):
 
 
 class StepResult:
-    __slots__ = ("canvas", "argmax", "probs", "mean_entropy", "accepted")
+    __slots__ = ("canvas", "argmax", "probs", "mean_entropy", "accepted", "entropy")
 
-    def __init__(self, canvas, argmax, probs, mean_entropy, accepted):
+    def __init__(self, canvas, argmax, probs, mean_entropy, accepted, entropy=None):
         self.canvas = canvas              # next canvas: accepted samples, the rest re-noised
         self.argmax = argmax              # argmax canvas (what is committed when the canvas stops)
         self.probs = probs                # softmax of the processed logits: next step's self-conditioning
         self.mean_entropy = mean_entropy  # [B]
         self.accepted = accepted          # [B, C] bool
+        self.entropy = entropy            # [B, C] per-position entropy of the processed logits
 
 
 def denoise_step(ops: ArrayOps, logits, canvas, *, steps_remaining: int, max_steps: int, t_min: float,
@@ -75,7 +76,7 @@ def step_with_temperature(ops: ArrayOps, logits, canvas, t, entropy_bound, unifo
     sampled = ops.sample_categorical(probs, uniforms)
     accepted = entropy_bound_accept(ops, entropy, entropy_bound)
     next_canvas = ops.where(accepted, sampled, renoise_tokens)
-    return next_canvas, argmax, probs, ops.mean(entropy), accepted
+    return next_canvas, argmax, probs, ops.mean(entropy), accepted, entropy
 
 
 class StableAndConfident:

@@ -80,6 +80,18 @@ class TorchOps(ArrayOps):
     def logical_and(self, a, b):
         return a & b
 
+    def take_along(self, x, idx):
+        i = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=x.device)
+        if x.ndim == 3:
+            i = i[..., None].expand(-1, -1, x.shape[2])
+        return torch.gather(x, 1, i)
+
+    def put_along(self, x, idx, values):
+        i = torch.as_tensor(np.asarray(idx), dtype=torch.long, device=x.device)
+        if x.ndim == 3:
+            i = i[..., None].expand(-1, -1, x.shape[2])
+        return x.scatter(1, i, values.to(x.dtype))
+
     def take_rows(self, x, rows):
         return x.index_select(0, torch.as_tensor(np.asarray(rows), dtype=torch.long, device=x.device))
 
@@ -256,10 +268,11 @@ class TorchBackend(Backend):
         return None if probs is None else self.model.soft_embedding(probs)
 
     @torch.inference_mode()
-    def denoise_hidden(self, cache: TorchBatchCache, canvas_ids, self_conditioning=None, *, rows: slice | None = None):
+    def denoise_hidden(self, cache: TorchBatchCache, canvas_ids, self_conditioning=None, *, rows: slice | None = None,
+                       positions=None):
         canvas = self._ids(canvas_ids, "canvas_ids")
         rows = slice(0, cache.rows) if rows is None else rows
-        return self.model.decode_rows(cache, rows, canvas, self_conditioning)
+        return self.model.decode_rows(cache, rows, canvas, self_conditioning, positions)
 
     @torch.inference_mode()
     def lm_logits(self, hidden):
@@ -278,6 +291,11 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def commit(self, state: TorchBatchCache, canvas_ids, rows: slice | None = None) -> None:
         self.extend(state, canvas_ids, rows)
+
+    def image_embeddings(self, token_ids, images):
+        from .vision import prompt_embeddings  # the vision tower is imported and loaded on first use
+
+        return prompt_embeddings(self, token_ids, images)
 
     def row_noise(self, seed: int) -> TorchRowNoise:
         return TorchRowNoise(seed, self.device)

@@ -32,5 +32,11 @@ class TorchBatchCache(BatchKVCache):
         return torch.as_tensor(np.ascontiguousarray(mask), device=self.device)
 
     @torch.inference_mode()
+    def _set_at(self, buf, rows, slots, value):
+        r = torch.as_tensor(rows, device=self.device)[:, None]
+        buf[r, :, torch.as_tensor(slots, device=self.device)] = value.transpose(1, 2)
+        return buf
+
+    @torch.inference_mode()
     def _snapshot(self, view):
         return view.clone()

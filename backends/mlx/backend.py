@@ -137,6 +137,14 @@ class MLXOps(ArrayOps):
         logits[row, pos] = mx.where(keep, logits[row, pos], -mx.inf)
         return logits
 
+    def take_along(self, x, idx):
+        i = mx.array(np.asarray(idx, dtype=np.int32))
+        return mx.take_along_axis(x, i[..., None] if x.ndim == 3 else i, axis=1)
+
+    def put_along(self, x, idx, values):
+        i = mx.array(np.asarray(idx, dtype=np.int32))
+        return mx.put_along_axis(x, i[..., None] if x.ndim == 3 else i, values.astype(x.dtype), axis=1)
+
     def take_rows(self, x, rows):
         return x[mx.array(np.asarray(rows, dtype=np.int32))]
 
@@ -310,10 +318,11 @@ class MLXBackend(Backend):
         rows = slice(0, cache.rows) if rows is None else rows
         self.model.extend(cache, rows, ids, self._valid(attention_mask, tuple(ids.shape)))
 
-    def denoise_hidden(self, cache: MLXBatchCache, canvas_ids, self_conditioning=None, *, rows: slice | None = None):
+    def denoise_hidden(self, cache: MLXBatchCache, canvas_ids, self_conditioning=None, *, rows: slice | None = None,
+                       positions=None):
         canvas = self._ids(canvas_ids, "canvas_ids", defer=True)
         rows = slice(0, cache.rows) if rows is None else rows
-        return self.model.decode_rows(cache, rows, canvas, self_conditioning)
+        return self.model.decode_rows(cache, rows, canvas, self_conditioning, positions)
 
     def lm_logits(self, hidden):
         return self.model.logits(hidden)
@@ -336,6 +345,11 @@ class MLXBackend(Backend):
 
     def commit(self, state: MLXBatchCache, canvas_ids, rows: slice | None = None) -> None:
         self.extend(state, canvas_ids, rows)
+
+    def image_embeddings(self, token_ids, images):
+        from .vision import prompt_embeddings  # the vision tower is imported and loaded on first use
+
+        return prompt_embeddings(self, token_ids, images)
 
     def row_noise(self, seed: int) -> MLXRowNoise:
         return MLXRowNoise(seed)

@@ -27,3 +27,8 @@ class MLXBatchCache(BatchKVCache):
 
     def _device_mask(self, mask: np.ndarray):
         return mx.array(mask)
+
+    def _set_at(self, buf, rows, slots, value):
+        r = mx.array(rows.astype(np.int32))[:, None]
+        buf[r, :, mx.array(slots.astype(np.int32))] = value.transpose(0, 2, 1, 3)
+        return buf

@@ -423,16 +423,21 @@ class DiffusionGemmaText(nn.Module):
                         "encoder_layer_scalar", keys_only_last=True)
         cache.finish_extend(rows, lay, new_valid)
 
-    def decode_rows(self, cache, rows: slice, canvas, soft=None):
-        """Bidirectional decoder over each row's cache and its canvas [k, C]; the final-normed hidden [k, C, H]."""
-        C = canvas.shape[1]
+    def decode_rows(self, cache, rows: slice, canvas, soft=None, positions: np.ndarray | None = None):
+        """Bidirectional decoder over each row's cache and its canvas [k, C]; the final-normed hidden [k, C, H].
+        With `positions` [k, A] (fast mode) `canvas` holds only those canvas positions, which alone are forwarded."""
+        C = self.cfg.canvas_length if positions is not None else canvas.shape[1]
         lay = decode_layout(cache.layout, rows, C)
         cache.reserve(C, rows)
         x = self.decoder_input(canvas, soft)
-        tables = self.rope(self._row_positions(lay.full_write, C), x.dtype)
         masks: dict = {}
-        x = self.run_layers(x, tables, lambda i, k, v: cache.decode_kv(i, rows, lay, k, v, masks), "layer_scalar",
-                            keys_only_last=False)
+        if positions is None:
+            tables = self.rope(self._row_positions(lay.full_write, C), x.dtype)
+            layer_kv = lambda i, k, v: cache.decode_kv(i, rows, lay, k, v, masks)  # noqa: E731
+        else:
+            tables = self.rope(lay.full_write[:, None] + positions, x.dtype)
+            layer_kv = lambda i, k, v: cache.decode_kv_at(i, rows, lay, positions, k, v, masks)  # noqa: E731
+        x = self.run_layers(x, tables, layer_kv, "layer_scalar", keys_only_last=False)
         return self.norm(x)
 
     # -- the functional passes training differentiates through ------------------------------------------------------

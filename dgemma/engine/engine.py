@@ -26,8 +26,8 @@ from ..backend import Backend
 from ..errors import InputError
 from ..sampler import step_with_temperature, temperature
 from .prompt_cache import PromptCache
-from .request import (CanvasEvent, DoneEvent, DraftEvent, FailedEvent, Handle, Request, RequestResult,
-                      as_checker)
+from .request import (SPEEDS, CanvasEvent, DoneEvent, DraftEvent, FailedEvent, FastPolicy, Handle, Request,
+                      RequestResult, as_checker)
 from .state import Job, Row, pad_after_eos, visible_tokens
 
 BATCHING_MODES = ("merged", "exact")
@@ -139,6 +139,10 @@ class Engine:
             raise InputError("give seeds, not noise sources, with attempts > 1 (each attempt draws its own noise)")
         if req.noise is None and req.seed is None:
             raise InputError("a request needs a seed or a noise source")
+        if req.speed not in SPEEDS:
+            raise InputError(f"speed must be one of {', '.join(SPEEDS)}, not {req.speed!r}")
+        if req.speed == "fast" and req.constraint is not None:
+            raise InputError("structured output runs with speed='exact' (its repair needs every position's logits)")
         prompts = req.prompts()
         if not prompts:
             raise InputError("no prompt given")
@@ -227,7 +231,9 @@ class Engine:
                 else:
                     noise = self.backend.row_noise(attempt_seed(req.seed, i))
                 checker_row = req.checker_rows[i] if req.checker_rows is not None else 0
-                job.rows.append(Row(job, i, noise, checker_row))
+                row = Row(job, i, noise, checker_row)
+                row.fast = (req.fast or FastPolicy()) if req.speed == "fast" else None
+                job.rows.append(row)
             self.rows.extend(job.rows)
         assert len(self.rows) == self.cache.rows == start + len(src)
         self._batch = None
@@ -237,9 +243,10 @@ class Engine:
         distinct: dict[tuple, int] = {}
         src = []
         for job in group:
+            images = id(job.request.input_embeds)  # equal ids with different images are different prompts
             for p in job.prompts:
-                src.append(distinct.setdefault(tuple(p), len(distinct)))
-        prompts = [list(p) for p in distinct]
+                src.append(distinct.setdefault((tuple(p), images), len(distinct)))
+        prompts = [list(p) for p, _ in distinct]
         pad = group[0].settings.pad_token_id
         ids, mask = left_pad(prompts, pad if pad is not None else 0)
         embeds = blocks = None
@@ -251,8 +258,8 @@ class Engine:
         """Left-padded prompt embeddings and image blocks for a group where some prompts carry images (the others
         get their token embeddings from the backend's own table, as rows of zeros in `image_blocks`)."""
         rows = []
-        for p in distinct:
-            job = next(j for j in group if tuple(j.prompts[0]) == p)
+        for p, images in distinct:
+            job = next(j for j in group if tuple(j.prompts[0]) == p and id(j.request.input_embeds) == images)
             rows.append((len(p), job.request.input_embeds, job.request.image_blocks))
         ref = next(e for _, e, _ in rows if e is not None)
         hidden = np.asarray(ref).shape[-1]
@@ -300,6 +307,10 @@ class Engine:
                 canvas = self.ops.where(self.ops.from_numpy(bad), canvas, self.ops.from_numpy(tokens))
             row.canvas, row.argmax, row.soft = canvas, canvas, None
             row.step, row.stable, row.live, row.passed, row.mask_at, row.mask = 0, 0, True, False, -1, None
+            if row.fast is not None:
+                row.frozen, row.just_froze = np.zeros(C, bool), np.zeros(C, bool)
+                row.frozen_tokens, row.settle = np.zeros(C, np.int64), np.zeros(C, np.int64)
+                row.pos_entropy, row.prev_argmax = np.zeros(C, np.float64), None
             if start is None:
                 row.steps = 0
         self._batch = None
@@ -342,16 +353,109 @@ class Engine:
         return canvas, ops.stack_rows([r.soft if r.soft is not None else zero for r in rows])
 
     def _denoise(self, span: slice) -> None:
-        ops, C, V = self.ops, self.cfg.canvas_length, self.cfg.vocab_size
         rows = self.rows[span]
         canvas, soft = self._batch_arrays(span, rows)
-        hidden = self.backend.denoise_hidden(self.cache, canvas, soft, rows=span)
+        positions = self._active_positions(rows)
+        uniforms, fresh = self._draws(rows)
+        if positions is None:
+            hidden = self.backend.denoise_hidden(self.cache, canvas, soft, rows=span)
+            out = self._sample(rows, hidden, canvas, uniforms, fresh)
+        else:
+            out = self._denoise_active(span, rows, canvas, soft, positions, uniforms, fresh)
         self.counters["decoder_passes"] += 1
         self.counters["rows_denoised"] += len(rows)
         self.counters["max_rows_seen"] = max(self.counters["max_rows_seen"], len(rows))
-        uniforms, fresh = self._draws(rows)
-        out = self._sample(rows, hidden, canvas, uniforms, fresh)
+        if any(r.live and r.fast is not None for r in rows):
+            self._fast_bookkeeping(rows, out, positions)
         self._after_pass(span, rows, out, fresh)
+
+    # -- fast mode: forward only the positions still changing ---------------------------------------------------------
+    def _active_positions(self, rows: list[Row]):
+        """(positions [k, A], used [k, A]) to forward when every live row of the pass is in fast mode with frozen
+        positions; None for a full pass. Rows with fewer active positions are padded with frozen ones (forwarded
+        again, their results dropped), so a pass runs at the width of its widest row."""
+        C = self.cfg.canvas_length
+        actives = []
+        for r in rows:
+            if not r.live:
+                actives.append(None)
+                continue
+            p = r.fast
+            if p is None or r.frozen is None or not r.frozen.any() or (
+                    p.refresh_every and (r.step + 1) % p.refresh_every == 0):
+                return None
+            actives.append(~r.frozen | r.just_froze)
+        width = max(int(a.sum()) for a in actives if a is not None)
+        if width >= C:
+            return None
+        idx = np.zeros((len(rows), width), np.int64)
+        used = np.zeros((len(rows), width), bool)
+        for j, a in enumerate(actives):
+            if a is None:
+                idx[j] = np.arange(width)
+                continue
+            act = np.flatnonzero(a)
+            sel = np.sort(np.concatenate([act, np.flatnonzero(~a)[: width - act.size]]))
+            idx[j], used[j] = sel, a[sel]
+        return idx, used
+
+    def _denoise_active(self, span, rows, canvas, soft, positions, uniforms, fresh) -> dict:
+        """A fast pass: the decoder, LM head, sampler and self-conditioning on the forwarded positions only; the
+        results go back into whole canvases (positions forwarded as padding keep what they had)."""
+        ops = self.ops
+        idx, used = positions
+        sub_canvas = ops.take_along(canvas, idx)
+        sub_soft = None if soft is None else ops.take_along(soft, idx)
+        hidden = self.backend.denoise_hidden(self.cache, sub_canvas, sub_soft, rows=span, positions=idx)
+        out = self._sample(rows, hidden, sub_canvas, ops.take_along(uniforms, idx), ops.take_along(fresh, idx))
+        use = ops.from_numpy(used)
+        argmax = ops.stack_rows([r.argmax for r in rows])
+        if soft is None:
+            soft = ops.full((len(rows), self.cfg.canvas_length, out["soft"].shape[-1]), 0.0, like=out["soft"])
+        every = ops.from_numpy(np.ones((len(rows), self.cfg.canvas_length), bool))
+        return {"canvas": ops.put_along(canvas, idx, ops.where(use, out["canvas"], sub_canvas)),
+                "argmax": ops.put_along(argmax, idx, ops.where(use, out["argmax"], ops.take_along(argmax, idx))),
+                "soft": ops.put_along(soft, idx, out["soft"]),
+                "accepted": ops.put_along(every, idx, ops.where(use, out["accepted"], every[:, : idx.shape[1]])),
+                "entropy": out["entropy"], "pos_entropy": out["pos_entropy"], "candidates": {},
+                "forwarded": positions}
+
+    def _fast_bookkeeping(self, rows: list[Row], out: dict, positions) -> None:
+        """Per position of each fast row: its entropy, how long its argmax has held, whether it freezes; frozen
+        positions keep their token; the row's mean entropy (the stopping rule's) covers every position."""
+        ops = self.ops
+        host_argmax = np.asarray(ops.to_numpy(out["argmax"]), dtype=np.int64)
+        ent = np.asarray(ops.to_numpy(out["pos_entropy"]), dtype=np.float64)
+        means = np.asarray(ops.to_numpy(out["entropy"]), dtype=np.float64).reshape(-1).copy()
+        for j, r in enumerate(rows):
+            if not r.live or r.fast is None:
+                continue
+            if positions is None:
+                r.pos_entropy[:] = ent[j]
+            else:
+                idx, used = positions
+                r.pos_entropy[idx[j][used[j]]] = ent[j][used[j]]
+            now = np.where(r.frozen, r.frozen_tokens, host_argmax[j])
+            same = now == r.prev_argmax if r.prev_argmax is not None else np.zeros_like(r.frozen)
+            r.settle = np.where(same & (r.pos_entropy < r.fast.freeze_entropy), r.settle + 1, 0)
+            r.just_froze = ~r.frozen & (r.settle >= r.fast.freeze_after)
+            r.frozen_tokens[r.just_froze] = now[r.just_froze]
+            r.frozen |= r.just_froze
+            r.prev_argmax = now
+            means[j] = r.pos_entropy.mean()
+        out["entropy"] = means
+        out["canvas"], out["argmax"] = self._hold_frozen(rows, out["canvas"], out["argmax"])
+
+    def _hold_frozen(self, rows: list[Row], canvas, argmax):
+        """Frozen positions keep the token they froze with, in the canvas and in the argmax canvas."""
+        frozen = [r.frozen if r.fast is not None and r.frozen is not None else None for r in rows]
+        if not any(f is not None and f.any() for f in frozen):
+            return canvas, argmax
+        C = self.cfg.canvas_length
+        mask = np.stack([f if f is not None else np.zeros(C, bool) for f in frozen])
+        tokens = np.stack([r.frozen_tokens if f is not None else np.zeros(C, np.int64) for r, f in zip(rows, frozen)])
+        m, t = self.ops.from_numpy(mask), self.ops.from_numpy(tokens)
+        return self.ops.where(m, t, canvas), self.ops.where(m, t, argmax)
 
     def _draws(self, rows: list[Row]):
         """Each live row's uniforms, then its re-noise tokens, keyed as the reference's loop draws them."""
@@ -386,7 +490,7 @@ class Engine:
     def _sample(self, rows, hidden, canvas, uniforms, fresh) -> dict:
         """LM head, logit masks, sampler step and next self-conditioning, one tile of rows at a time."""
         ops = self.ops
-        parts: dict[str, list] = {k: [] for k in ("canvas", "argmax", "soft", "entropy", "accepted")}
+        parts: dict[str, list] = {k: [] for k in ("canvas", "argmax", "soft", "entropy", "accepted", "pos_entropy")}
         candidates = {}
         for tile in self._tiles(len(rows)):
             tile_rows = rows[tile]
@@ -401,12 +505,12 @@ class Engine:
             else:
                 res = step_with_temperature(ops, logits, pick(canvas), t, bound, pick(uniforms), pick(fresh),
                                             owns_logits=True)
-            next_canvas, argmax, probs, mean_entropy, accepted = res
+            next_canvas, argmax, probs, mean_entropy, accepted, pos_entropy = res
             for j, r in enumerate(tile_rows):
                 if r.live and r.job.request.constraint is not None:
                     candidates[tile.start + j] = ops.top_k(probs[j], REPAIR_CANDIDATES)
-            for k, v in zip(("canvas", "argmax", "entropy", "accepted"), (next_canvas, argmax, mean_entropy,
-                                                                          accepted)):
+            for k, v in zip(("canvas", "argmax", "entropy", "accepted", "pos_entropy"),
+                            (next_canvas, argmax, mean_entropy, accepted, pos_entropy)):
                 parts[k].append(v)
             parts["soft"].append(self.backend.soft_embedding(probs))
             del logits, probs, res
@@ -429,7 +533,9 @@ class Engine:
     def _after_pass(self, span: slice, rows: list[Row], out: dict, fresh) -> None:
         ops = self.ops
         canvas, argmax = out["canvas"], out["argmax"]
-        entropy = np.asarray(ops.to_numpy(out["entropy"]), dtype=np.float64).reshape(-1)
+        entropy = out["entropy"]
+        entropy = (entropy if isinstance(entropy, np.ndarray) else
+                   np.asarray(ops.to_numpy(entropy), dtype=np.float64)).reshape(-1)
         same = self._same_as_before(rows, argmax)
         stop = np.zeros(len(rows), bool)
         for j, r in enumerate(rows):
@@ -444,6 +550,8 @@ class Engine:
             stable = s.stability_threshold == 0 or r.stable >= s.stability_threshold
             stop[j] = (confident and stable) or r.step >= s.max_denoising_steps
         canvas = self._renoise(rows, canvas, out["accepted"], fresh)
+        if any(r.fast is not None for r in rows):
+            canvas, _ = self._hold_frozen(rows, canvas, argmax)
         host_argmax = self._judge(rows, argmax, stop)
         for j, r in enumerate(rows):
             if r.live:
@@ -480,6 +588,11 @@ class Engine:
         bad = np.zeros(host.shape, bool)
         if check:
             bad[check] = self._violations(rows, check, host[check]) & acc[check]
+            for j in check:  # fast mode: a frozen position a checker flags is denoised again
+                r = rows[j]
+                if r.fast is not None and bad[j].any():
+                    r.frozen &= ~bad[j]
+                    r.settle[bad[j]] = 0
         for j in grammar:
             r = rows[j]
             first, allowed = r.job.request.constraint.scan(host[j], acc[j])

@@ -45,6 +45,26 @@ def as_checker(checker) -> Checker | None:
     return _FunctionChecker(checker)
 
 
+SPEEDS = ("exact", "fast")
+
+
+@dataclass(frozen=True)
+class FastPolicy:
+    """speed="fast": denoise only what still changes. A canvas position whose argmax has stayed the same with
+    entropy under `freeze_entropy` for `freeze_after` passes freezes: it keeps that token, its keys/values stay in
+    the cache's canvas slots, and it is no longer forwarded (it is forwarded once more, on the pass after it
+    froze, so its keys/values reflect the final token). Every `refresh_every`-th pass of a canvas forwards every
+    position (0: never). The stopping rule and the commit pass are exact."""
+
+    freeze_after: int = 2
+    freeze_entropy: float = 0.05
+    refresh_every: int = 8
+
+    def __post_init__(self):
+        if self.freeze_after < 1 or self.refresh_every < 0 or not self.freeze_entropy > 0:
+            raise ValueError("fast policy: freeze_after >= 1, refresh_every >= 0 and freeze_entropy > 0")
+
+
 @dataclass
 class Request:
     """One generation. With `attempts=K` (or K `views`: different encodings of one request, such as Sudoku's
@@ -68,6 +88,8 @@ class Request:
     input_embeds: Any = None                # [T, hidden] prompt embeddings (image features merged in)
     image_blocks: Any = None                # [T] ints: 0 text, b > 0 the tokens of image b
     cacheable: bool = True                  # may use and fill the engine's prompt cache
+    speed: str = "exact"                    # "exact" (the reference's computation) or "fast" (FastPolicy)
+    fast: FastPolicy | None = None          # the fast mode's knobs (default FastPolicy())
 
     def prompts(self) -> list[list[int]]:
         if self.views is not None:

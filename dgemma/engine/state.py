@@ -40,6 +40,13 @@ class Row:
     chosen: list = field(default_factory=list)
     retired: bool = False           # a view that ended because its request went on with another view
     candidates: Any = None          # structured output: device [C, K] top tokens of the last pass (for the repair)
+    fast: Any = None                # the FastPolicy when this row denoises in fast mode
+    frozen: Any = None              # fast mode, host bool [C]: positions no longer forwarded
+    just_froze: Any = None          # host bool [C]: froze on the last pass (forwarded once more)
+    frozen_tokens: Any = None       # host int [C]: the token each frozen position keeps
+    settle: Any = None              # host int [C]: passes each position's argmax has stayed the same and confident
+    pos_entropy: Any = None         # host float [C]: each position's entropy when it was last forwarded
+    prev_argmax: Any = None         # host int [C]: the last pass's argmax canvas
 
 
 @dataclass(eq=False)
