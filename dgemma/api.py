@@ -16,6 +16,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, SamplerSettings
 from .errors import InputError
 from .engine import CanvasEvent, Engine, FailedEvent, Request, RequestResult, attempt_seed
+from .vision import ImagePrompt, ModelImages, has_images
 
 Prompt = str | Sequence[int] | Sequence[dict]
 
@@ -120,10 +121,21 @@ class Model:
         if all(isinstance(m, dict) for m in seq):
             if self.tokenizer is None:
                 raise InputError("this model has no tokenizer: pass token ids")
-            return self.tokenizer.encode_chat(seq)
+            return self._images().encode(seq).token_ids if has_images(seq) else self.tokenizer.encode_chat(seq)
         if all(isinstance(t, (int, np.integer)) for t in seq):
             return [int(t) for t in seq]
         raise InputError("a prompt is a string, a list of chat messages, or a list of token ids")
+
+    def _images(self) -> ModelImages:
+        if getattr(self, "_model_images", None) is None:
+            self._model_images = ModelImages(self.checkpoint, self.tokenizer)
+        return self._model_images
+
+    def _encode_images(self, prompt: Prompt, chat: bool | None) -> ImagePrompt:
+        """A prompt's token ids and, for chat messages with image parts, its preprocessed images (in order)."""
+        if has_images(prompt):
+            return self._images().encode(list(prompt))
+        return ImagePrompt(self.encode_prompt(prompt, chat), [])
 
     def settings(self, **overrides: Any) -> SamplerSettings:
         return self.sampler_defaults.updated(**overrides)
@@ -135,7 +147,9 @@ class Model:
 
     def generate(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
                  checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False,
-                 renoise: bool = True, on_step=None, on_canvas=None, **sampler: Any) -> Generation:
+                 renoise: bool = True, on_step=None, on_canvas=None, response_format=None, regex: str | None = None,
+                 choices: Sequence[str] | None = None, grammar: str | None = None, speed: str = "exact", fast=None,
+                 **sampler: Any) -> Generation:
         """Generate for one prompt (text, chat messages or token ids). Sampler overrides: max_new_tokens,
         max_denoising_steps, entropy_bound, t_min, t_max, stability_threshold, confidence_threshold,
         eos_token_ids, pad_token_id. `checker(row, canvas_tokens) -> bool mask` turns on constraint-aware sampling
@@ -145,24 +159,35 @@ class Model:
         first that passes the checker is kept (else the one the checker flags least). `stop_when_valid` ends a canvas
         as soon as it passes the checker (for a checker that verifies a whole answer). `renoise=False` keeps the
         checker off the canvas while it is denoised (it then only judges finished canvases). `on_canvas(chunk)` sees
-        each committed canvas as a CanvasChunk (what `stream` yields)."""
+        each committed canvas as a CanvasChunk (what `stream` yields). Structured output (one of):
+        `response_format` (a JSON Schema dict or text, a pydantic model class, OpenAI's {"type": "json_object"} /
+        {"type": "json_schema", ...}, or a dgemma.structured.StructuredSpec), `regex`, `choices` (a list of strings)
+        or `grammar` (Lark or GBNF): every canvas is kept a valid continuation and the text ends where the grammar
+        accepts (see dgemma.structured)."""
         return self.generate_batch([prompt], seeds=None if seed is None else [seed], chat=chat,
                                    noises=None if noise is None else [noise], checker=checker,
                                    max_retries=max_retries, attempts=attempts, stop_when_valid=stop_when_valid,
-                                   renoise=renoise, on_step=on_step, on_canvas=on_canvas, **sampler)[0]
+                                   renoise=renoise, on_step=on_step, on_canvas=on_canvas,
+                                   response_format=response_format, regex=regex, choices=choices, grammar=grammar,
+                                   speed=speed, fast=fast, **sampler)[0]
 
     def generate_batch(self, prompts: Sequence[Prompt], *, seeds: Sequence[int] | None = None,
                        chat: bool | None = None, noises=None, checker=None, max_retries: int = 0, attempts: int = 1,
                        stop_when_valid: bool = False, renoise: bool = True, groups: Sequence[int] | None = None,
-                       on_step=None, on_canvas=None, **sampler: Any) -> list[Generation]:
+                       on_step=None, on_canvas=None, response_format=None, regex: str | None = None,
+                       choices: Sequence[str] | None = None, grammar: str | None = None, speed: str = "exact",
+                       fast=None, **sampler: Any) -> list[Generation]:
         """Generate for several prompts in one batch (left-padded); each row has its own seed. `checker`,
         `max_retries`, `attempts` and `stop_when_valid` as in `generate` (the checker's row is the prompt's index).
         `groups` (one id per prompt, instead of `attempts`) makes prompts with the same id parallel attempts at one
         request that may be encoded differently (Sudoku's symmetric views); every prompt gets its Generation, and
-        `stats.chosen` marks the one its group kept."""
+        `stats.chosen` marks the one its group kept. Structured output (`response_format`, `regex`, `choices`,
+        `grammar`) as in `generate`, each prompt with its own grammar state."""
         requests, order = self._requests(prompts, seeds, chat, noises, sampler, attempts, groups, checker=checker,
                                          max_retries=max_retries, stop_when_valid=stop_when_valid, renoise=renoise,
-                                         on_step=on_step)
+                                         on_step=on_step, speed=speed, fast=fast,
+                                         structured=dict(response_format=response_format, regex=regex,
+                                                         choices=choices, grammar=grammar))
         engine = Engine(self.backend)
         handles = engine.submit_group(requests)
         chunks = {h.id: _Chunker(self.tokenizer, requests[0].settings) for h in handles}
@@ -180,12 +205,17 @@ class Model:
 
     def stream(self, prompt: Prompt, *, seed: int | None = None, chat: bool | None = None, noise=None,
                checker=None, max_retries: int = 0, attempts: int = 1, stop_when_valid: bool = False,
-               renoise: bool = True, on_step=None, **sampler: Any) -> Iterator[CanvasChunk]:
-        """Yield each committed canvas of one prompt's generation as it is finished."""
+               renoise: bool = True, on_step=None, response_format=None, regex: str | None = None,
+               choices: Sequence[str] | None = None, grammar: str | None = None, speed: str = "exact", fast=None,
+               **sampler: Any) -> Iterator[CanvasChunk]:
+        """Yield each committed canvas of one prompt's generation as it is finished (structured output as in
+        `generate`: every chunk is a valid continuation of the text before it)."""
         requests, _ = self._requests([prompt], None if seed is None else [seed], chat,
                                      None if noise is None else [noise], sampler, attempts, None, checker=checker,
                                      max_retries=max_retries, stop_when_valid=stop_when_valid, renoise=renoise,
-                                     on_step=on_step)
+                                     on_step=on_step, speed=speed, fast=fast,
+                                     structured=dict(response_format=response_format, regex=regex,
+                                                     choices=choices, grammar=grammar))
         engine = Engine(self.backend)
         handle = engine.submit(requests[0])
         chunker = _Chunker(self.tokenizer, requests[0].settings)
@@ -204,7 +234,12 @@ class Model:
         if groups is not None and attempts != 1:
             raise InputError("give either attempts or groups, not both")
         settings = self.settings(**sampler)
-        ids = [self.encode_prompt(p, chat) for p in prompts]
+        grammar = self._grammar(options.pop("structured", None), settings)
+        encoded = [self._encode_images(p, chat) for p in prompts]
+        ids = [e.token_ids for e in encoded]
+        images = self._images().request_inputs(self.backend, encoded) if any(e.images for e in encoded) else None
+        if images is not None and groups is not None:
+            raise InputError("groups (parallel views) do not take images")
         if seeds is not None and len(seeds) != len(ids):
             raise InputError(f"{len(seeds)} seeds for {len(ids)} prompts")
         if noises is not None and attempts > 1:
@@ -216,7 +251,9 @@ class Model:
         seeds = list(seeds) if seeds is not None else [secrets.randbits(63) for _ in ids]
         if groups is None:
             reqs = [Request(p, settings, seed=seeds[i], noise=None if noises is None else noises[i],
-                            attempts=attempts, checker_rows=[i] * attempts, **options) for i, p in enumerate(ids)]
+                            attempts=attempts, checker_rows=[i] * attempts, constraint=_new_row(grammar),
+                            **(images[i] if images is not None else {}), **options)
+                    for i, p in enumerate(ids)]
             return reqs, [[i] for i in range(len(ids))]
         members: dict = {}
         for i, g in enumerate(groups):
@@ -226,8 +263,22 @@ class Model:
             rows_noise = [noises[i] if noises is not None else self.backend.row_noise(attempt_seed(seeds[i], 0))
                           for i in idx]
             reqs.append(Request(ids[idx[0]], settings, noise=rows_noise, views=[ids[i] for i in idx],
-                                checker_rows=idx, **options))
+                                checker_rows=idx, constraint=_new_row(grammar), **options))
         return reqs, list(members.values())
+
+    def _grammar(self, structured: dict | None, settings: SamplerSettings):
+        """The compiled grammar of generate(response_format=, regex=, choices=, grammar=), or None."""
+        if not structured or all(v is None for v in structured.values()):
+            return None
+        from .structured import compile as compile_grammar
+        from .structured import spec_from_arguments
+
+        spec = spec_from_arguments(**structured)
+        if spec is None:
+            return None
+        if self.tokenizer is None:
+            raise InputError("structured output needs the model's tokenizer (tokenizer.json)")
+        return compile_grammar(spec, self.tokenizer, self.config.vocab_size, settings.eos_token_ids)
 
     def _generation(self, r: RequestResult) -> Generation:
         stats = GenerationStats(
@@ -267,6 +318,11 @@ def _pad_to_batch(results: list[RequestResult], canvas: int, pad_id) -> None:
     longest = max(len(r.raw_token_ids) for r in results)
     for r in results:
         r.raw_token_ids = r.raw_token_ids + [pad_id] * (longest - len(r.raw_token_ids))
+
+
+def _new_row(grammar):
+    """A request's own grammar state (one per request: rows of its attempts share it, as only one is committed)."""
+    return None if grammar is None else grammar.new_row()
 
 
 def _raise_failure(handles) -> None:
