@@ -408,3 +408,33 @@ def vision_tensor_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
                 for clip in ("input_min", "input_max", "output_min", "output_max"):
                     out[f"{layer}{lin}.{clip}"] = ()
     return out
+
+
+class ModelImages:
+    """What one loaded model needs to take images: its vision config, its image processor's settings, its tokenizer.
+    The vision tower itself lives in the backend (`Backend.image_embeddings`), loaded on the first image."""
+
+    def __init__(self, checkpoint, tokenizer):
+        self.checkpoint = checkpoint
+        self.tokenizer = tokenizer
+        self.vision = VisionConfig.from_dict(checkpoint.raw_config, str(Path(checkpoint.path) / "config.json"))
+        self.settings = ImageSettings.from_folder(checkpoint.path) if self.vision is not None else ImageSettings()
+
+    def encode(self, messages: list[dict], add_generation_prompt: bool = True) -> ImagePrompt:
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer: images need chat messages")
+        return encode_image_chat(self.tokenizer, self.vision, self.settings, messages, add_generation_prompt,
+                                 model_path=str(self.checkpoint.path))
+
+    def request_inputs(self, backend, prompts: list[ImagePrompt]) -> list[dict]:
+        """Per prompt, the engine request's {"input_embeds": [T, hidden], "image_blocks": [T]}: for every prompt of
+        a batch where any prompt has images (the others as their plain token embeddings), else {} for each."""
+        if not any(p.images for p in prompts):
+            return [{} for _ in prompts]
+        out = []
+        for p in prompts:
+            blocks = image_block_ids(p.token_ids, self.vision.image_token_id) if self.vision is not None else None
+            if blocks is None or not self.vision.bidirectional:
+                blocks = np.zeros(len(p.token_ids), np.int32)  # image tokens causal, as the reference then does
+            out.append({"input_embeds": backend.image_embeddings(p.token_ids, p.images), "image_blocks": blocks})
+        return out

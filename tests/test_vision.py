@@ -403,3 +403,188 @@ def test_merged_embeddings_match_reference(vision_ckpt, backend):
     assert merged.shape == expect.shape
     assert rel(merged, expect) < 1e-4
     assert not np.array_equal(merged, text)  # the images did land
+
+
+# -- prefill and generation with images, end to end ----------------------------------------------------------------
+def _write_processor_config(path: Path, max_soft_tokens: int = 70) -> None:
+    (path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "Gemma4ImageProcessor",
+                                                               "max_soft_tokens": max_soft_tokens}))
+
+
+def _image_messages(n_images: int, seed: int, text: str = "what is this?"):
+    sizes = [(100, 200), (300, 90), (64, 64)]
+    parts = [{"type": "image", "image": Image.fromarray(_noise(*sizes[(seed + k) % 3], seed + k))}
+             for k in range(n_images)]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def _left_pad_inputs(encoded, inputs):
+    """ids, mask (torch), embeds [B, T, H] and blocks [B, T] left-padded as the engine pads them."""
+    import torch
+    from reference import padded
+
+    ids, mask = padded([e.token_ids for e in encoded])
+    T = ids.shape[1]
+    H = inputs[0]["input_embeds"].shape[-1]
+    embeds = np.zeros((len(encoded), T, H), np.float32)
+    blocks = np.zeros((len(encoded), T), np.int64)
+    for i, x in enumerate(inputs):
+        n = len(x["image_blocks"])
+        embeds[i, T - n:], blocks[i, T - n:] = x["input_embeds"], x["image_blocks"]
+    return ids, mask, embeds, blocks
+
+
+def _reference_prefill(oracle, ids, mask, images, settings):
+    """The reference's prefill with images, as its generate() runs it: the encoder mask built from
+    mm_token_type_ids (image tokens attend to their own image both ways), pixel values of every image in row
+    order."""
+    import torch
+    from transformers import DynamicCache
+
+    model = oracle.model
+    oracle.cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    oracle.mask, oracle.len = mask, ids.shape[1]
+    pos = torch.arange(ids.shape[1])[None]
+    mm = (ids == IMG).long()
+    mapping = model.model.encoder.create_masks_for_generate(
+        config=model.config, inputs_embeds=torch.empty((ids.shape[0], ids.shape[1], 0)), attention_mask=mask,
+        past_key_values=oracle.cache, position_ids=pos, mm_token_type_ids=mm)
+    kw = {}
+    if images:
+        pixels, positions = zip(*(im.padded(settings.max_patches) for im in images))
+        kw = dict(pixel_values=torch.from_numpy(np.stack(pixels)), image_position_ids=torch.from_numpy(np.stack(positions)))
+    with torch.no_grad():
+        model.model.encoder(input_ids=ids, attention_mask=mapping, past_key_values=oracle.cache, position_ids=pos,
+                            mm_token_type_ids=mm, **kw)
+
+
+def _check_cache(oracle, state):
+    import torch
+
+    for i, layer in enumerate(oracle.cache.layers):
+        L = state.keys[i].shape[2]
+        assert layer.keys.shape[2] == L, f"layer {i}: cache length {L} vs reference {layer.keys.shape[2]}"
+        real = np.asarray(state.valid)[:, -L:]
+        for name, ours, theirs in (("keys", state.keys[i], layer.keys), ("values", state.values[i], layer.values)):
+            ours = (ours.float().numpy() if isinstance(ours, torch.Tensor) else np.array(ours)).astype(np.float32)
+            diff = np.abs(ours - theirs.numpy()).max(axis=(1, 3))  # [B, L]
+            assert diff[real].max() <= 1e-4 * theirs.abs().max().item(), f"layer {i} {name}"
+
+
+@pytest.fixture(scope="module")
+def vision_model_ckpt(vision_ckpt):
+    _write_processor_config(vision_ckpt)
+    return vision_ckpt
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_prefill_and_denoise_with_images_match_reference(vision_model_ckpt, backend):
+    """A padded batch of three: two images, one image, text only. K/V of every layer after the prefill and after
+    a commit, and denoise logits (with and without self-conditioning), within 1e-4 of the reference."""
+    import torch
+    from reference import Oracle
+
+    import dgemma
+
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    model = dgemma.load(vision_model_ckpt, backend=backend, dtype="float32")
+    prompts = [_image_messages(2, 0), _image_messages(1, 1, "and this one?"), [{"role": "user", "content": "hi"}]]
+    encoded = [model._encode_images(p, None) for p in prompts]
+    inputs = model._images().request_inputs(model.backend, encoded)
+    ids, mask, embeds, blocks = _left_pad_inputs(encoded, inputs)
+    assert ids.shape[1] > 2 * 8 and (blocks > 0).sum() > 70  # images longer than the sliding window (8)
+    state = model.backend.prefill(ids.numpy(), mask.numpy(), input_embeds=embeds, image_blocks=blocks)
+    oracle = Oracle(vision_model_ckpt)
+    settings = model._images().settings
+    _reference_prefill(oracle, ids, mask, [im for e in encoded for im in e.images], settings)
+    _check_cache(oracle, state)
+    g = torch.Generator().manual_seed(0)
+    V, C = model.config.vocab_size, model.config.canvas_length
+    for block in range(2):
+        canvas = torch.randint(0, V, (3, C), generator=g)
+        ref = oracle.denoise(canvas)
+        ours = np.asarray(model.denoise(state, canvas.numpy()))
+        assert rel(ours, ref.numpy()) < 1e-4, f"denoise, block {block}"
+        sc = ref / 0.7
+        assert rel(np.asarray(model.denoise(state, canvas.numpy(), sc.numpy())),
+                   oracle.denoise(canvas, sc).numpy()) < 1e-4
+        model.commit(state, canvas.numpy())
+        oracle.commit(canvas)
+        _check_cache(oracle, state)
+
+
+def _reference_generate(path, encoded, settings, seeds, **kw):
+    import torch
+    from reference import injected_noise, load_reference, padded
+
+    ref = load_reference(path)
+    ids, mask = padded([e.token_ids for e in encoded])
+    images = [im for e in encoded for im in e.images]
+    pixels, positions = zip(*(im.padded(settings.max_patches) for im in images))
+    with injected_noise(seeds, ref.config.text_config.vocab_size, ref.config.canvas_length):
+        out = ref.generate(ids, attention_mask=mask, pixel_values=torch.from_numpy(np.stack(pixels)),
+                           image_position_ids=torch.from_numpy(np.stack(positions)),
+                           mm_token_type_ids=(ids == IMG).long(), **kw)
+    return out, ids.shape[1]
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_generation_with_images_equals_reference_tokens(vision_model_ckpt, backend):
+    """Injected noise, a padded batch with one and with two images and a text-only row: the reference's tokens."""
+    import dgemma
+    from dgemma.sampler import ScriptedNoise
+
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    model = dgemma.load(vision_model_ckpt, backend=backend, dtype="float32")
+    prompts = [_image_messages(1, 0), _image_messages(2, 1, "compare them"), [{"role": "user", "content": "hi"}]]
+    seeds = [21, 22, 23]
+    kw = dict(max_new_tokens=32, max_denoising_steps=6, eos_token_ids=[1], pad_token_id=0)
+    res = model.generate_batch(prompts, noises=[ScriptedNoise(s, model.backend.ops) for s in seeds], **kw)
+    encoded = [model._encode_images(p, None) for p in prompts]
+    out, T = _reference_generate(vision_model_ckpt, encoded, model._images().settings, seeds, max_new_tokens=32,
+                                 max_denoising_steps=6, eos_token_id=[1], pad_token_id=0)
+    for i in range(3):
+        assert res[i].raw_token_ids == out.sequences[i, T:].tolist(), f"row {i}"
+        assert res[i].stats.prompt_tokens == len(encoded[i].token_ids)
+
+
+def test_same_text_different_images_in_one_batch(vision_model_ckpt):
+    """Two prompts whose token ids are equal (same text, same-sized images) but whose images differ are two rows."""
+    import dgemma
+    from dgemma.sampler import ScriptedNoise
+
+    model = dgemma.load(vision_model_ckpt, backend="cuda", dtype="float32")
+    a = [{"role": "user", "content": [{"type": "image", "image": _noise(100, 200, 0)}, {"type": "text", "text": "?"}]}]
+    b = [{"role": "user", "content": [{"type": "image", "image": _noise(100, 200, 9)}, {"type": "text", "text": "?"}]}]
+    kw = dict(max_new_tokens=16, max_denoising_steps=4, eos_token_ids=[1], pad_token_id=0)
+    both = model.generate_batch([a, b], noises=[ScriptedNoise(5, model.backend.ops)] * 2, **kw)
+    alone = model.generate_batch([b], noises=[ScriptedNoise(5, model.backend.ops)], **kw)
+    assert both[1].raw_token_ids == alone[0].raw_token_ids
+
+
+def test_image_errors_through_the_api(vision_model_ckpt, tiny_ckpt, tmp_path):
+    import dgemma
+
+    model = dgemma.load(vision_model_ckpt, backend="cuda", dtype="float32")
+    with pytest.raises(InputError, match="nope.png: image file not found"):
+        model.generate([{"role": "user", "content": [{"type": "image", "url": str(tmp_path / "nope.png")}]}],
+                       max_new_tokens=16)
+    text = tmp_path / "a.txt"
+    text.write_text("hello")
+    with pytest.raises(InputError, match="a.txt: not a readable image"):
+        model.generate([{"role": "user", "content": [{"type": "image", "path": str(text)}]}], max_new_tokens=16)
+    two = [{"role": "user", "content": [{"type": "image", "image": _noise(40, 40)}, {"type": "text", "text": "x"}]}]
+    model.tokenizer.chat_template = TEMPLATE.replace("{{ '<|image|>' }}", "")
+    with pytest.raises(InputError, match="the template placed 0 image token"):
+        model.generate(two, max_new_tokens=16)
+    textonly = tmp_path / "textonly"
+    import shutil
+
+    shutil.copytree(vision_model_ckpt, textonly)
+    cfg = json.loads((textonly / "config.json").read_text())
+    cfg.pop("vision_config")
+    (textonly / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="has no vision tower"):
+        dgemma.load(textonly, backend="cuda").generate(two, max_new_tokens=16)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -238,3 +239,19 @@ def merge_image_embeddings(token_embeds: torch.Tensor, token_ids: torch.Tensor, 
     out = token_embeds.clone()
     out[mask] = soft.to(out.dtype)
     return out
+
+
+def prompt_embeddings(backend, token_ids, images: list[PreprocessedImage]):
+    """float32 host array [T, hidden]: the prompt's token embeddings with its images' soft tokens in place of the
+    image tokens (what the backend's prefill takes as `input_embeds`). The tower is loaded on first use."""
+    vision = VisionConfig.from_dict(backend.checkpoint.raw_config, str(backend.checkpoint.path / "config.json"))
+    ids = torch.as_tensor(np.asarray(token_ids, dtype=np.int64)[None], device=backend.device)
+    with torch.inference_mode():
+        embeds = backend.model.embed(ids)
+        if images:
+            tower = getattr(backend, "_vision_tower", None)
+            if tower is None:
+                tower = backend._vision_tower = load_vision_tower(backend.checkpoint, vision, backend.device,
+                                                                  backend.dtype)
+            embeds = merge_image_embeddings(embeds, ids, vision.image_token_id, tower(images))
+    return embeds[0].float().cpu().numpy()

@@ -15,6 +15,7 @@ import re
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from dgemma.config import VisionConfig
@@ -242,8 +243,6 @@ def load_vision_tower(checkpoint, vision: VisionConfig, dtype) -> VisionTower:
 def merge_image_embeddings(token_embeds, token_ids, image_token_id: int, soft):
     """token_embeds [B, T, H] with the image tokens' rows replaced by `soft` [N, H] in row-major order (the
     reference's masked_scatter); the image tokens must number N."""
-    import numpy as np
-
     B, T, H = token_embeds.shape
     flat = np.flatnonzero(np.asarray(token_ids).reshape(-1) == image_token_id)
     if len(flat) != soft.shape[0]:
@@ -251,3 +250,17 @@ def merge_image_embeddings(token_embeds, token_ids, image_token_id: int, soft):
     out = token_embeds.reshape(B * T, H)
     out[mx.array(flat.astype(np.int32))] = soft.astype(out.dtype)
     return out.reshape(B, T, H)
+
+
+def prompt_embeddings(backend, token_ids, images: list[PreprocessedImage]):
+    """float32 host array [T, hidden]: the prompt's token embeddings with its images' soft tokens in place of the
+    image tokens (what the backend's prefill takes as `input_embeds`). The tower is loaded on first use."""
+    vision = VisionConfig.from_dict(backend.checkpoint.raw_config, str(backend.checkpoint.path / "config.json"))
+    ids = np.asarray(token_ids, dtype=np.int32)[None]
+    embeds = backend.model.embed(mx.array(ids))
+    if images:
+        tower = getattr(backend, "_vision_tower", None)
+        if tower is None:
+            tower = backend._vision_tower = load_vision_tower(backend.checkpoint, vision, backend.dtype)
+        embeds = merge_image_embeddings(embeds, ids, vision.image_token_id, tower(images))
+    return np.array(embeds[0].astype(mx.float32))
