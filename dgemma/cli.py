@@ -77,17 +77,34 @@ def _backend_option(f):
 @click.option("--show-canvas", is_flag=True,
               help="Draw the canvas in the terminal as it denoises (one prompt; a Sudoku model draws its board). "
                    "Needs rich (the serve extra).")
+@click.option("--speed", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
+              help="exact: the reference's computation; fast: denoise only the canvas positions still changing.")
+@click.option("--json-schema", "json_schema", default=None, metavar="FILE",
+              help="Structured output: the text is JSON valid under this JSON Schema file.")
+@click.option("--regex", default=None, help="Structured output: the text matches this regular expression.")
+@click.option("--choice", "choices", multiple=True, help="Structured output: the text is one of these; repeat.")
+@click.option("--grammar", "grammar_file", default=None, metavar="FILE",
+              help="Structured output: the text is in the language of this Lark or GBNF grammar file.")
+@click.option("--image", "images", multiple=True, metavar="PATH",
+              help="An image for the prompt (repeat for several; needs --chat): each prompt becomes one user turn of "
+                   "the images, then its text.")
 def generate(model_path, backend, prompt, prompt_file, chat, max_new_tokens, max_denoising_steps, seed,
              entropy_bound, t_min, t_max, stability_threshold, confidence_threshold, dtype, device, stream, as_json,
-             stats, show_canvas=False):
+             stats, speed="exact", show_canvas=False, json_schema=None, regex=None, choices=(), grammar_file=None,
+             images=()):
     """Generate text with the block-diffusion sampler (a Sudoku model solves the puzzles it is given)."""
     from .api import load
     from .assets import is_random_default
     from .backend import backend_class
     from .checkpoint import Checkpoint
+    from .structured.spec import spec_from_flags
     from .tasks import GenerateOptions, task_of
 
     prompts = _read_prompts(prompt, prompt_file)
+    _check_images(images, chat)
+    spec, spec_flag = spec_from_flags(json_schema, regex, choices, grammar_file)
+    if spec is not None and show_canvas:
+        raise InputError(f"{spec_flag.split()[0]} and --show-canvas: structured output is not drawn live; drop one")
     sampler = dict(max_new_tokens=max_new_tokens, max_denoising_steps=max_denoising_steps,
                    entropy_bound=entropy_bound, t_min=t_min, t_max=t_max, stability_threshold=stability_threshold,
                    confidence_threshold=confidence_threshold)
@@ -102,28 +119,40 @@ def generate(model_path, backend, prompt, prompt_file, chat, max_new_tokens, max
     backend_class(backend)  # an unknown or missing backend fails before anything is read
     checkpoint = Checkpoint(path)
     checkpoint.sampler_defaults.updated(**sampler)  # bad sampler values fail before the weights load
+    if speed == "fast" and spec is not None:
+        raise InputError(f"{spec_flag.split()[0]} and --speed fast: structured output runs at --speed exact")
     task = task_of(checkpoint)  # what the checkpoint declares it is for ("dgemma_task" in config.json)
     who = "the built-in model" if model_path is None else f"--model {model_path}"
+    if images and task is not None:
+        raise InputError(f"--image: {who} is a {getattr(task, 'NAME', 'task')} model, which takes no images")
+    if task is not None and spec is not None:
+        raise InputError(f"{spec_flag.split()[0]}: {who} is a {getattr(task, 'NAME', 'task')} model, whose task "
+                         "decides the output; structured output is for text models")
     if task is not None:
         for p in prompts:
             task.check_prompt(p, who=who, other="--model PATH")
     else:
         checkpoint.require_tokenizer()
     model = load(checkpoint, backend=backend, dtype=dtype, device=device, progress=sys.stderr.isatty())
+    if spec is not None:
+        _compile_structured(model, spec, spec_flag, sampler)
+    sampler["speed"] = speed
     if task is not None:
         return task.run_generate(model, prompts, GenerateOptions(
             who=who, seed=seed, chat=chat, stream=stream, show_canvas=show_canvas, as_json=as_json, stats=stats,
             sampler=sampler))
+    prompts = _with_images(prompts, images)
     if show_canvas:
         from .live import show_canvas_cli
 
         return show_canvas_cli(model, prompts, seed=seed, chat=chat, sampler=sampler, stats=stats)
     if stream:
         for i, p in enumerate(prompts):
-            _stream(model, p, seed=None if seed is None else seed + i, chat=chat, sampler=sampler, stats=stats)
+            _stream(model, p, seed=None if seed is None else seed + i, chat=chat, sampler=sampler, stats=stats,
+                    spec=spec)
         return
     seeds = None if seed is None else [seed + i for i in range(len(prompts))]
-    results = model.generate_batch(prompts, seeds=seeds, chat=chat, **sampler)
+    results = model.generate_batch(prompts, seeds=seeds, chat=chat, response_format=spec, **sampler)
     for r in results:
         s = r.stats
         if as_json:
@@ -150,13 +179,24 @@ def _default_model(prompts: list[str], chat: bool):
     return default_model_path()
 
 
-def _stream(model, prompt: str, *, seed, chat, sampler: dict, stats: bool) -> None:
+def _compile_structured(model, spec, flag: str, sampler: dict) -> None:
+    """Compile the structured-output flag's grammar once, before generating, so a spec the grammar engine refuses
+    is one line naming the flag (generate then reuses the compiled grammar)."""
+    from .structured import compile as compile_grammar
+
+    try:
+        compile_grammar(spec, model.tokenizer, model.config.vocab_size, model.settings(**sampler).eos_token_ids)
+    except InputError as e:
+        raise InputError(f"{flag}: {e}") from None
+
+
+def _stream(model, prompt: str, *, seed, chat, sampler: dict, stats: bool, spec=None) -> None:
     """Print one prompt's canvases as they are committed, then its stats line."""
     import time
 
     started = time.perf_counter()
     tokens, steps = 0, []
-    for chunk in model.stream(prompt, seed=seed, chat=chat, **sampler):
+    for chunk in model.stream(prompt, seed=seed, chat=chat, response_format=spec, **sampler):
         click.echo(chunk.text, nl=False)
         sys.stdout.flush()
         tokens += len(chunk.token_ids)
@@ -192,6 +232,25 @@ def _check_port(host: str, port: int) -> None:
         except OSError as e:
             raise InputError(f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); pick another "
                              "--port") from None
+
+
+def _check_images(images, chat: bool) -> None:
+    """--image needs --chat (images enter the prompt through the chat template) and files that exist."""
+    from pathlib import Path
+
+    if images and not chat:
+        raise InputError("--image needs --chat: images enter the prompt through the chat template")
+    for path in images:
+        if not Path(path).is_file():
+            raise InputError(f"--image {path}: file not found")
+
+
+def _with_images(prompts: list[str], images) -> list:
+    """Each prompt as one user turn holding the images, then its text."""
+    if not images:
+        return prompts
+    parts = [{"type": "image", "path": str(p)} for p in images]
+    return [[{"role": "user", "content": parts + [{"type": "text", "text": p}]}] for p in prompts]
 
 
 def _read_prompts(prompt, prompt_file) -> list[str]:

@@ -44,7 +44,7 @@ def generate_live(model: Model, prompt: Prompt, *, seed: int | None = None, chat
     from rich.live import Live
 
     console = console if console is not None else Console()
-    settings = model.settings(**sampler)
+    settings = model.settings(**{k: v for k, v in sampler.items() if k != "speed"})
     seed = seed if seed is not None else secrets.randbits(63)
     ops = model.backend.ops
     tok = model.tokenizer
