@@ -72,6 +72,7 @@ class ShardWriter:
         self.written: dict[str, int] = {}
         self._fds: dict[str, int] = {}
         self.closed: set[str] = set()
+        self.unfinished: dict[str, int] = {s.file: len(s.tensors) for s in shards}  # a shard closes at 0
         self.bytes = 0
 
     def _fd(self, shard: Shard) -> int:
@@ -96,13 +97,17 @@ class ShardWriter:
         self.bytes += mv.nbytes
 
     def finish_tensor(self, name: str) -> None:
+        """Called once per tensor when all its bytes are written (a shard of per-expert linears holds thousands)."""
         shard, t = self.where[name]
         if self.written.get(name, 0) != t.nbytes:
             raise AssertionError(f"{name}: wrote {self.written.get(name, 0)} of {t.nbytes} bytes")
-        if shard.file not in self.closed and all(self.written.get(x.name, 0) == x.nbytes for x in shard.tensors):
+        self.unfinished[shard.file] -= 1
+        if self.unfinished[shard.file] == 0:
             self._close(shard)
 
     def _close(self, shard: Shard) -> None:
+        if shard.file not in self._fds:  # only empty tensors: the header alone
+            self._fd(shard)
         fd = self._fds.pop(shard.file)
         self.closed.add(shard.file)
         try:
