@@ -387,3 +387,44 @@ def test_not_enough_space_up_front(work, monkeypatch):
     with pytest.raises(CheckpointError, match="not enough disk space"):
         convert(work / "src", dst, to="hf", progress=False)
     no_partial(dst)
+
+
+def test_earlier_dgemma_cuda_layout_still_loads(work, tmp_path):
+    """Folders from dgemma versions before the compressed-tensors layout (3-D FP8 experts + `_scale`, int4 `X_packed` /
+    `X_scale` / `X_shape` with a short last group) load in the PyTorch backend with their dequantized weights'
+    logits, and convert back to hf."""
+    from safetensors.torch import save_file
+
+    from dgemma.backends.cuda.quantized import dequantize_fp8, dequantize_int4
+    from dgemma.convert.quant import fp8_quantize, int4_quantize
+
+    src = load_all(work / "src")
+    prompt = list(range(3, 30))
+    for kind in ("fp8", "int4"):
+        old, dense = dict(src), dict(src)
+        for name, w in src.items():
+            if name.startswith("model.decoder.") and name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+                del old[name]
+                if kind == "fp8":
+                    old[name], old[name + "_scale"] = fp8_quantize(w)
+                    dense[name] = dequantize_fp8(old[name], old[name + "_scale"], torch.float32)
+                else:
+                    old[name + "_packed"], old[name + "_scale"] = int4_quantize(w, 128)
+                    old[name + "_shape"] = torch.tensor(list(w.shape))
+                    dense[name] = dequantize_int4(old[name + "_packed"], old[name + "_scale"], torch.float32,
+                                                  group_size=128)
+        for folder, tensors in ((tmp_path / kind, old), (tmp_path / f"{kind}-dense", dense)):
+            shutil.copytree(work / "src", folder, ignore=shutil.ignore_patterns("*.safetensors"))
+            save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads((tmp_path / kind / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "compressed-tensors", "dgemma_layout": {"group_size": 128}}
+        (tmp_path / kind / "config.json").write_text(json.dumps(cfg))
+        canvas = np.random.default_rng(1).integers(0, 384, (1, 16))
+        a = dgemma.load(tmp_path / f"{kind}-dense", backend="cuda")
+        b = dgemma.load(tmp_path / kind, backend="cuda", dtype="float32")
+        assert "layers.0.experts.gate_up_proj" in b.backend.quantized
+        np.testing.assert_allclose(np.asarray(b.denoise(b.prefill([prompt]), canvas)),
+                                   np.asarray(a.denoise(a.prefill([prompt]), canvas)), rtol=1e-4, atol=1e-4)
+        convert(tmp_path / kind, tmp_path / f"{kind}-back", to="hf", progress=False)
+        back = load_all(tmp_path / f"{kind}-back")
+        assert all(torch.equal(back[k], dense[k]) for k in dense), kind
