@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dgemma  # noqa: E402
-from dgemma.server import ServerThread  # noqa: E402
+from dgemma.serve import ServerThread  # noqa: E402
 
 
 def requests_for(n: int, max_tokens: int) -> list[dict]:
@@ -50,12 +50,12 @@ def run_level(srv: ServerThread, name: str, jobs: list[dict], clients: int, extr
             lat.append(dt)
             tokens[0] += r.usage.completion_tokens
 
-    before = srv.engine.stats()
+    before = srv.worker.stats()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(call, jobs))
     wall = time.perf_counter() - t0
-    after = srv.engine.stats()
+    after = srv.worker.stats()
     passes = after["decoder_passes"] - before["decoder_passes"]
     rows = after["rows_denoised"] - before["rows_denoised"]
     a = np.array(lat)
@@ -76,6 +76,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=None, help="max_denoising_steps per request (default: the model's)")
     ap.add_argument("--batching", default="merged", choices=["merged", "exact", "both"])
+    ap.add_argument("--prompt-cache-mb", type=float, default=512, help="the server's prompt cache (0 = off)")
     ap.add_argument("--json", action="store_true", help="one JSON line per level instead of the table")
     args = ap.parse_args(argv)
 
@@ -96,7 +97,8 @@ def main(argv=None) -> int:
               f"{args.max_tokens} tokens per level; steps per canvas "
               f"{extra.get('max_denoising_steps', model.sampler_defaults.max_denoising_steps)}", file=sys.stderr)
         for mode in modes:
-            with ServerThread(model, model_name="bench", max_batch=max(levels), batching=mode) as srv:
+            with ServerThread(model, model_name="bench", max_batch=max(levels), batching=mode,
+                              prompt_cache_mb=args.prompt_cache_mb) as srv:
                 run_level(srv, "bench", jobs[: min(4, len(jobs))], min(4, max(levels)), extra)  # warm-up
                 results = [run_level(srv, "bench", jobs, c, extra) for c in levels]
             base = next((r for r in results if r["clients"] == 1), None)

@@ -1,6 +1,9 @@
-"""dgemma serve: the OpenAI-compatible server, its batching engine and the live canvas view, on a tiny random model.
+"""dgemma serve: the OpenAI-compatible server on the one batch engine, and the live canvas view.
 
-Servers run in-process on a free loopback port (uvicorn in a thread) and are driven with the official `openai` client.
+Servers run in-process on a free loopback port (uvicorn in a thread) over the real `dgemma.engine.Engine` and are
+driven with the official `openai` client (and raw HTTP where a test needs the bytes). Answers of `--batching exact`
+are compared with the library's solo `Model.generate` runs for the same seed. Two models: a tiny random text
+checkpoint, and the shipped Sudoku model (its task has a checker, so attempts / retries / stop_when_valid apply).
 Every wait is bounded in time.
 """
 
@@ -13,18 +16,18 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")
 pytest.importorskip("uvicorn")
-pytest.importorskip("starlette")
+pytest.importorskip("fastapi")
 pytest.importorskip("torch")
 
 import dgemma  # noqa: E402
 from dgemma.random_model import write_random_checkpoint  # noqa: E402
-from dgemma.server import ServerThread, _ApiError, _Service, batcher_for, vllm_command  # noqa: E402
+from dgemma.serve import ServerThread, vllm_command  # noqa: E402
+from dgemma.serve import schema  # noqa: E402
 
 NAME = "dgemma-test"
 STEPS = 6  # denoising steps per canvas in most requests: keeps the suite fast
@@ -53,6 +56,19 @@ def merged_server(model):
         yield srv
 
 
+@pytest.fixture(scope="module")
+def sudoku_model():
+    from dgemma.assets import default_model_path
+
+    return dgemma.load(default_model_path(), backend="cuda")
+
+
+@pytest.fixture(scope="module")
+def sudoku_server(sudoku_model):
+    with ServerThread(sudoku_model, model_name="sudoku", max_batch=32, batching="exact") as srv:
+        yield srv
+
+
 def client(srv, **kw):
     return openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=WAIT, **kw)
 
@@ -70,15 +86,68 @@ def wait_until(pred, what: str, timeout: float = WAIT):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def idle(srv) -> bool:
+    h = health(srv)
+    return h["active"] == 0 and h["waiting"] == 0 and h["engine"]["rows"] == 0 and h["engine"]["requests"] == 0
+
+
 def reference(model, prompt, seed, max_tokens, steps=STEPS, **kw):
     return model.generate(prompt, seed=seed, max_new_tokens=max_tokens, max_denoising_steps=steps, **kw)
+
+
+def finish(ref) -> str:
+    return "stop" if ref.stats.finish_reason == "eos" else "length"
+
+
+# -- the request schema (no server) ---------------------------------------------------------------------------------
+def test_schema_maps_temperature_and_sampler_fields(model):
+    d = model.sampler_defaults
+
+    def settings(**body):
+        return schema.CompletionRequest.model_validate({"model": NAME, "prompt": "x", **body}).settings(d)
+
+    s = settings(temperature=0.4)
+    assert (s.t_max, s.t_min) == pytest.approx((0.4, d.t_min * 0.4 / d.t_max))
+    s = settings(temperature=0)
+    assert s.t_max == pytest.approx(0.01) and 0 < s.t_min < s.t_max
+    s = settings(temperature=1.0, t_min=0.3)
+    assert (s.t_max, s.t_min) == pytest.approx((1.0, 0.3))
+    s = settings(max_tokens=7, entropy_bound=0.5, confidence_threshold=0.1, ignore_eos=True)
+    assert (s.max_new_tokens, s.entropy_bound, s.confidence_threshold, s.eos_token_ids) == (7, 0.5, 0.1, ())
+    assert settings(max_tokens=7, max_completion_tokens=9).max_new_tokens == 9
+    with pytest.raises(schema.ApiError) as e:
+        settings(t_min=0.9, t_max=0.5)
+    assert e.value.status == 400 and "t_min" in e.value.message
+
+
+def test_schema_errors_name_the_field():
+    def error(body) -> schema.ApiError:
+        with pytest.raises(schema.ApiError) as e:
+            schema.parse_request(schema.ChatCompletionRequest, body if isinstance(body, bytes) else json.dumps(
+                {"model": NAME, "messages": [{"role": "user", "content": "hi"}], **body}).encode())
+        return e.value
+
+    e = error({"stop": 5})  # a union: one message, not one per alternative
+    assert (e.status, e.param) == (400, "stop") and e.message == \
+        "'stop' must be a string or a list of at most 16 strings, got 5"
+    assert error({"seed": True}).message == "'seed' must be an integer, got True"
+    assert error({"temperature": "hot"}).param == "temperature"
+    e = error({"messages": [{"role": "user", "content": 7}]})
+    assert e.param == "messages" and e.message.startswith("messages[0].content must be")
+    assert error({"speed": "slow"}).message == "'speed' must be 'exact' or 'fast', got 'slow'"
+    assert error({"attempts": 0}).param == "attempts"
+    assert error(b"{oops").message.startswith("the request body is not valid JSON")
+    assert error(b"[1]").message == "the request body must be a JSON object"
+    assert error(b'{"model": "m"}').message == "'messages' is required"
+    # unknown fields are ignored, as OpenAI-compatible servers do; null means "not given"
+    r = schema.parse_request(schema.CompletionRequest, b'{"model": "m", "prompt": [1, 2], "top_p": 0.5, "seed": null}')
+    assert r.prompts() == [[1, 2]] and r.seed is None
 
 
 # -- basics ---------------------------------------------------------------------------------------------------------
 def test_models_and_chat_match_library(model, exact_server):
     c = client(exact_server)
-    ids = [m.id for m in c.models.list().data]
-    assert ids == [NAME]
+    assert [m.id for m in c.models.list().data] == [NAME]
     msgs = [{"role": "user", "content": "Say something."}]
     r = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=40, seed=3,
                                   extra_body={"max_denoising_steps": STEPS})
@@ -86,12 +155,13 @@ def test_models_and_chat_match_library(model, exact_server):
     assert r.object == "chat.completion" and r.model == NAME
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == ref.text
-    assert r.choices[0].finish_reason == ("stop" if ref.stats.finish_reason == "eos" else "length")
+    assert r.choices[0].finish_reason == finish(ref)
     assert r.usage.completion_tokens == ref.stats.generated_tokens
     assert r.usage.prompt_tokens == ref.stats.prompt_tokens
     extra = r.usage.model_extra
     assert extra["tokens_per_forward"] == pytest.approx(ref.stats.tokens_per_forward)
     assert extra["decoder_passes"] == ref.stats.decoder_passes
+    assert extra["canvases"] == ref.stats.canvases
     # another seed gives another answer (the seed reaches the sampler)
     other = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=40, seed=4,
                                       extra_body={"max_denoising_steps": STEPS})
@@ -115,12 +185,12 @@ def test_streaming_equals_non_streaming(model, exact_server):
     # 70 tokens = 3 canvases of 32: the text arrives in more than one piece
     assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) >= 2
 
-    # legacy completions, token-id prompt, streaming and not
+    # legacy completions, token-id prompt, streaming and not; n choices use seed + i
     prompt_ids = model.encode_prompt("Complete this")
     ref = reference(model, prompt_ids, 5, 50)
-    r = c.completions.create(model=NAME, prompt=prompt_ids, max_tokens=50, seed=5,
+    r = c.completions.create(model=NAME, prompt=prompt_ids, max_tokens=50, seed=5, n=2,
                              extra_body={"max_denoising_steps": STEPS})
-    assert r.choices[0].text == ref.text
+    assert [ch.text for ch in r.choices] == [ref.text, reference(model, prompt_ids, 6, 50).text]
     s = c.completions.create(model=NAME, prompt=prompt_ids, max_tokens=50, seed=5, stream=True,
                              extra_body={"max_denoising_steps": STEPS})
     assert "".join(ch.choices[0].text for ch in s) == ref.text
@@ -134,71 +204,127 @@ def test_stop_strings(model, exact_server):
     cut = base[:base.find(stop)]
     r = c.completions.create(stop=[stop], **kw)
     assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    assert 0 < r.usage.completion_tokens <= 64
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(stop=stop, stream=True, **kw))
     assert streamed == cut
+    wait_until(lambda: idle(exact_server), "the stopped requests' rows to leave the engine")
 
 
-# -- batching ----------------------------------------------------------------------------------------------------------
+# -- many clients at once --------------------------------------------------------------------------------------------
+def _sudoku_jobs(n):
+    from dgemma.sudoku_task import held_out_puzzles
+
+    kinds = ["plain", "stream", "checker", "drafts", "disconnect", "plain", "checker", "stream"]
+    puzzles = [p for p, _ in held_out_puzzles("medium", n)]
+    return [dict(kind=kinds[i % len(kinds)], prompt=puzzles[i], seed=500 + 3 * i) for i in range(n)]
+
+
+CHECKER = {"attempts": 4, "max_retries": 1, "stop_when_valid": True}
+SUDOKU_STEPS = 8  # the shipped model solves most medium boards in fewer; a cap keeps the slow ones short
+LONG = 82 * 10  # a disconnecting client asks for ten canvases and hangs up after the first
+
+
+def _sudoku_reference(model, job):
+    from dgemma.sudoku_task import make_checker
+
+    kw = dict(seed=job["seed"], max_denoising_steps=SUDOKU_STEPS)
+    if job["kind"] == "checker":
+        return model.generate(job["prompt"], checker=make_checker([job["prompt"]]), **CHECKER, **kw)
+    return model.generate(job["prompt"], **kw)
+
+
+def _sse_events(resp):
+    """(event name or None, data) per SSE event of a streamed response."""
+    kind = None
+    for line in resp.iter_lines():
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            yield kind, line[6:]
+            kind = None
+
+
+def _sudoku_call(srv, job, barrier):
+    body = {"model": "sudoku", "prompt": job["prompt"], "seed": job["seed"], "max_denoising_steps": SUDOKU_STEPS}
+    kind = job["kind"]
+    if kind == "checker":
+        body.update(CHECKER)
+    if kind in ("stream", "drafts", "disconnect"):
+        body.update(stream=True, stream_options={"include_usage": True})
+    if kind == "drafts":
+        body["dgemma_drafts"] = True
+    if kind == "disconnect":  # every canvas runs all its steps: the stream is still going when the client leaves
+        body.update(max_tokens=LONG, ignore_eos=True, stability_threshold=10 ** 6, max_denoising_steps=4)
+    barrier.wait()
+    with httpx.Client(timeout=WAIT) as h:
+        if not body.get("stream"):
+            r = h.post(srv.url + "/v1/completions", json=body)
+            assert r.status_code == 200, r.text
+            data = r.json()
+            return {"id": data["id"], "text": data["choices"][0]["text"], "usage": data["usage"], "drafts": 0}
+        out = {"text": "", "drafts": 0, "usage": None, "id": None}
+        with h.stream("POST", srv.url + "/v1/completions", json=body) as resp:
+            assert resp.status_code == 200
+            for event, data in _sse_events(resp):
+                if data == "[DONE]":
+                    break
+                obj = json.loads(data)
+                if event == "dgemma.draft":
+                    out["drafts"] += 1
+                    continue
+                out["id"] = obj["id"]
+                if obj.get("usage"):
+                    out["usage"] = obj["usage"]
+                for ch in obj["choices"]:
+                    out["text"] += ch["text"]
+                if kind == "disconnect" and out["text"]:
+                    return out  # hang up mid-stream
+        return out
+
+
+def test_32_mixed_clients_nothing_lost_and_exact(sudoku_model, sudoku_server):
+    """32 clients at once on the Sudoku model: plain, streaming, checker + parallel attempts, draft streams and
+    clients that hang up mid-stream. Every finished answer equals the request run alone through `Model.generate`
+    (same seed, same checker), none is lost, duplicated or swapped, the requests really shared the engine, and
+    every row is freed at the end."""
+    jobs = _sudoku_jobs(32)
+    refs = [None if j["kind"] == "disconnect" else _sudoku_reference(sudoku_model, j) for j in jobs]
+    before = health(sudoku_server)
+    barrier = threading.Barrier(len(jobs), timeout=WAIT)
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda j: _sudoku_call(sudoku_server, j, barrier), jobs, timeout=3 * WAIT))
+    for j, ref, r in zip(jobs, refs, results):
+        if ref is None:
+            assert r["text"]  # the first canvas arrived before the client left
+            continue
+        assert r["text"] == ref.text, j
+        assert r["usage"]["completion_tokens"] == ref.stats.generated_tokens, j
+        assert r["usage"]["decoder_passes"] == ref.stats.decoder_passes, j
+        if j["kind"] == "drafts":  # one draft event per denoising pass
+            assert r["drafts"] == ref.stats.decoder_passes
+    assert len({r["id"] for r in results}) == len(results)
+    assert sum(r.stats.retries > 0 or r.stats.attempts > 1 for r in refs if r is not None) >= 1
+    wait_until(lambda: idle(sudoku_server), "every row to be freed")
+    after = health(sudoku_server)
+    disconnects = sum(j["kind"] == "disconnect" for j in jobs)
+    assert after["completed"] - before["completed"] == len(jobs) - disconnects
+    assert after["cancelled"] - before["cancelled"] == disconnects
+    assert after["failed"] == before["failed"]
+    assert after["max_active_seen"] >= 8  # they were denoised side by side, not one after another
+
+
+def test_checker_fields_need_a_task_with_a_checker(exact_server):
+    c = client(exact_server)
+    for field, value in (("attempts", 2), ("max_retries", 1), ("stop_when_valid", True)):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=NAME, prompt="x", max_tokens=8, extra_body={field: value})
+        assert e.value.param == field and "checker" in e.value.message
+
+
 def _jobs(n):
     words = ["alpha", "beta gamma", "delta epsilon zeta eta", "a much longer prompt " * 4, "x", "hello there"]
     return [dict(prompt=words[i % len(words)] + f" #{i}", seed=1000 + 7 * i, max_tokens=(20, 40, 64, 90)[i % 4])
             for i in range(n)]
-
-
-@pytest.mark.slow
-def test_concurrent_requests_identical_to_solo_runs(model, exact_server):
-    """32 requests at once, different prompts, lengths and seeds: each answer equals the request run alone (the
-    library's Model.generate), nothing lost, duplicated or swapped, and they really ran together."""
-    jobs = _jobs(32)
-    refs = [reference(model, j["prompt"], j["seed"], j["max_tokens"]) for j in jobs]
-    assert len({r.text for r in refs}) == len(refs)  # distinct answers: a swap would be visible
-    before = health(exact_server)
-    barrier = threading.Barrier(len(jobs), timeout=WAIT)
-    c = client(exact_server)
-
-    def call(j):
-        barrier.wait()
-        return c.completions.create(model=NAME, prompt=j["prompt"], max_tokens=j["max_tokens"], seed=j["seed"],
-                                    extra_body={"max_denoising_steps": STEPS})
-
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(call, jobs, timeout=3 * WAIT))
-    for j, ref, r in zip(jobs, refs, results):
-        assert r.choices[0].text == ref.text, j
-        assert r.usage.completion_tokens == ref.stats.generated_tokens
-        assert r.usage.model_extra["decoder_passes"] == ref.stats.decoder_passes
-    assert len({r.id for r in results}) == len(results)
-    after = health(exact_server)
-    assert after["completed"] - before["completed"] == len(jobs)
-    assert after["max_batch_seen"] >= 8  # they were denoised side by side, not one after another
-    assert after["active"] == 0 and after["waiting"] == 0
-
-
-def test_merged_batch_pass_matches_solo_passes(model):
-    """The merged state (left-padded caches) with per-row RoPE gives each row the logits it has alone, up to float
-    rounding; without the per-row positions the rows with shorter caches would be far off."""
-    import torch
-
-    be = model.backend
-    b = batcher_for(be)
-    assert b.merges
-    ids = [model.encode_prompt(p) for p in ["hi", "a somewhat longer prompt here", "z" * 45]]
-    states = [be.prefill(np.array([x]), None) for x in ids]
-    be.commit(states[0], np.arange(32, 64)[None])  # a row that has committed a canvas already
-    lengths = [int(s.length) for s in states]
-    C, V = model.config.canvas_length, model.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    canvas = torch.randint(0, V, (3, C), generator=g)
-    probs = torch.softmax(torch.randn(3, C, V, generator=g), -1)
-    alone = torch.cat([be.denoise(s, canvas[r:r + 1], self_conditioning_probs=probs[r:r + 1])
-                       for r, s in enumerate(states)])
-    batched = b.denoise(states, lengths, canvas, probs)
-    assert (batched - alone).abs().max().item() < 1e-3
-    assert torch.equal(batched.argmax(-1), alone.argmax(-1))
-    # control: the same merged state read at the padded length (what a plain denoise would do) is clearly wrong
-    merged = b._merge(states, lengths)
-    plain = be.denoise(merged, canvas, self_conditioning_probs=probs)
-    assert (plain[:2] - alone[:2]).abs().max().item() > 1e-2
 
 
 def test_merged_server_batches_and_serves_everyone(model, merged_server):
@@ -222,7 +348,7 @@ def test_merged_server_batches_and_serves_everyone(model, merged_server):
     for j, r in zip(jobs, results):
         # ignore_eos: the canvases hold exactly max_tokens tokens; usage counts the visible ones, and a pad token the
         # random model happens to emit is not visible (merged passes differ from solo ones by float rounding, so
-        # which rows draw a pad depends on how the requests were merged: seen once in about six runs)
+        # which rows draw a pad depends on how the requests were merged)
         assert j["max_tokens"] - 3 <= r.usage.completion_tokens <= j["max_tokens"]
         canvases = -(-j["max_tokens"] // model.config.canvas_length)
         assert r.usage.model_extra["decoder_passes"] == canvases * STEPS  # a random model never stops early
@@ -251,6 +377,38 @@ def test_adaptive_stopping_is_per_request(model, exact_server):
     assert rh.usage.model_extra["decoder_passes"] == 24
 
 
+# -- prompt caching --------------------------------------------------------------------------------------------------
+def test_prompt_cache_hits_give_identical_answers(model, exact_server):
+    """A resent prompt and a longer prompt that starts with it reuse the encoded prefix: the answers equal the solo
+    runs (which use no cache), and usage.prompt_tokens_details.cached_tokens says how many tokens were reused."""
+    c = client(exact_server)
+    system = "You are a careful assistant who answers in one line. " * 6
+    first_turn = [{"role": "system", "content": system}, {"role": "user", "content": "First question?"}]
+    kw = dict(model=NAME, max_tokens=40, seed=77, extra_body={"max_denoising_steps": STEPS})
+    cold = c.chat.completions.create(messages=first_turn, **kw)
+    warm = c.chat.completions.create(messages=first_turn, **kw)
+    ref = reference(model, first_turn, 77, 40)
+    assert cold.choices[0].message.content == warm.choices[0].message.content == ref.text
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    prompt_len = ref.stats.prompt_tokens
+    assert 0 < warm.usage.prompt_tokens_details.cached_tokens <= prompt_len
+    # the next turn resends the conversation: its shared prefix comes from the cache
+    second_turn = first_turn + [{"role": "assistant", "content": ref.text}, {"role": "user", "content": "And then?"}]
+    nxt = c.chat.completions.create(messages=second_turn, **kw)
+    assert nxt.choices[0].message.content == reference(model, second_turn, 77, 40).text
+    assert 0 < nxt.usage.prompt_tokens_details.cached_tokens <= prompt_len
+    assert health(exact_server)["prompt_cache_mb"] > 0
+
+
+def test_prompt_cache_off(model):
+    with ServerThread(model, model_name=NAME, batching="exact", prompt_cache_mb=0) as srv:
+        c = client(srv)
+        kw = dict(model=NAME, prompt="cache me " * 20, max_tokens=32, seed=8, extra_body={"max_denoising_steps": 4})
+        a, b = c.completions.create(**kw), c.completions.create(**kw)
+        assert a.choices[0].text == b.choices[0].text == reference(model, kw["prompt"], 8, 32, steps=4).text
+        assert a.usage.prompt_tokens_details.cached_tokens == b.usage.prompt_tokens_details.cached_tokens == 0
+
+
 # -- disconnects ---------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_client_disconnect_frees_the_slot(model):
@@ -262,11 +420,11 @@ def test_client_disconnect_frees_the_slot(model):
                 for line in resp.iter_lines():
                     if line.startswith("data: "):
                         break  # one canvas arrived; now hang up
-        wait_until(lambda: health(srv)["cancelled"] >= 1 and health(srv)["active"] == 0, "the stream's slot to free")
+        wait_until(lambda: health(srv)["cancelled"] >= 1 and idle(srv), "the stream's slot to free")
         # a non-streaming client that gives up frees its slot too
         with pytest.raises(httpx.TimeoutException):
             httpx.post(srv.url + "/v1/completions", json={**body, "stream": False}, timeout=1.0)
-        wait_until(lambda: health(srv)["cancelled"] >= 2 and health(srv)["active"] == 0, "the request's slot to free")
+        wait_until(lambda: health(srv)["cancelled"] >= 2 and idle(srv), "the request's slot to free")
         # the single slot serves the next client
         r = client(srv).completions.create(model=NAME, prompt="next", max_tokens=32, seed=1,
                                             extra_body={"max_denoising_steps": STEPS})
@@ -296,15 +454,21 @@ def test_bad_requests_get_openai_errors(model, exact_server):
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model=NAME, prompt="word " * 2100, max_tokens=16)  # 4096-position model
     assert e.value.code == "context_length_exceeded"
+    fast = c.completions.create(model=NAME, prompt="x", max_tokens=8, extra_body={"speed": "fast"})
+    assert fast.choices[0].finish_reason in ("stop", "length")  # the engine's fast mode, through the server
     for bad in ({"temperature": "hot"}, {"seed": 1.5}, {"max_tokens": True}, {"stop": 5}, {"n": 0},
                 {"entropy_bound": -1}, {"max_denoising_steps": "many"}, {"messages": "hi"}, {"stream": "yes"},
-                {"messages": [{"role": "user", "content": 7}]}, {"ignore_eos": "no"}, {"temperature": 9}):
+                {"messages": [{"role": "user", "content": 7}]}, {"ignore_eos": "no"}, {"temperature": 9},
+                {"attempts": 1000}, {"max_retries": -1}, {"stop_when_valid": 1}, {"speed": 2}, {"speed": "slow"},
+                {"dgemma_drafts": True}, {"logprobs": True},
+                {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}):
         payload = {"model": NAME, "messages": msgs, **bad}
         status, body = post("/v1/chat/completions", json.dumps(payload).encode())
-        assert status in (400, 422), bad
+        assert status == 400, bad
         assert set(body["error"]) >= {"message", "type", "param", "code"}, bad
+        assert body["error"]["param"] == next(iter(bad)), (bad, body)
     status, body = post("/v1/completions", json.dumps({"model": NAME, "prompt": [1, 10 ** 6]}).encode())
-    assert status == 400  # a token id outside the vocabulary
+    assert status == 400 and "vocabulary" in body["error"]["message"]
     status, body = post("/v1/completions", json.dumps({"model": NAME}).encode())
     assert status == 400 and body["error"]["param"] == "prompt"
     r = httpx.get(url + "/v1/nothing-here", timeout=WAIT)
@@ -313,23 +477,7 @@ def test_bad_requests_get_openai_errors(model, exact_server):
     ok = c.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, seed=2,
                                    extra_body={"max_denoising_steps": STEPS})
     assert ok.choices[0].message.content == reference(model, msgs, 2, 16).text
-    h = health(exact_server)
-    assert h["active"] == 0 and h["waiting"] == 0
-
-
-def test_temperature_maps_onto_the_schedule(model):
-    svc = _Service(model, engine=None, name=NAME)
-    d = model.sampler_defaults
-    s = svc.settings({"temperature": 0.4})
-    assert (s.t_max, s.t_min) == pytest.approx((0.4, d.t_min * 0.4 / d.t_max))
-    s = svc.settings({"temperature": 0})
-    assert s.t_max == pytest.approx(0.01) and 0 < s.t_min < s.t_max
-    s = svc.settings({"temperature": 1.0, "t_min": 0.3})
-    assert (s.t_max, s.t_min) == pytest.approx((1.0, 0.3))
-    s = svc.settings({"max_tokens": 7, "entropy_bound": 0.5, "confidence_threshold": 0.1, "ignore_eos": True})
-    assert (s.max_new_tokens, s.entropy_bound, s.confidence_threshold, s.eos_token_ids) == (7, 0.5, 0.1, ())
-    with pytest.raises(_ApiError):
-        svc.settings({"t_min": 0.9, "t_max": 0.5})
+    assert idle(exact_server)
 
 
 # -- drafts and the live view -------------------------------------------------------------------------------------
@@ -338,23 +486,20 @@ def test_draft_canvases_stream_as_extra_events(model, exact_server):
             "max_denoising_steps": STEPS}
     events, texts = [], []
     with httpx.Client(timeout=WAIT) as h, h.stream("POST", exact_server.url + "/v1/completions", json=body) as resp:
-        kind = None
-        for line in resp.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: ") and line != "data: [DONE]":
-                data = json.loads(line[6:])
-                if kind == "dgemma.draft":
-                    events.append(data)
-                else:
-                    texts.append(data["choices"][0]["text"])
-                kind = None
+        for kind, data in _sse_events(resp):
+            if data == "[DONE]":
+                continue
+            if kind == "dgemma.draft":
+                events.append(json.loads(data))
+            else:
+                texts.append(json.loads(data)["choices"][0]["text"])
     C = model.config.canvas_length
     assert [(e["block"], e["step"]) for e in events] == [(b, s) for b in range(2) for s in range(1, STEPS + 1)]
-    assert all(len(e["token_ids"]) == C and len(e["accepted"]) == C for e in events)
-    assert "".join(texts) == reference(model, "drafts", 9, 40).text
-    # the last draft of the first canvas is the committed canvas
+    assert all(len(e["token_ids"]) == C and len(e["accepted"]) == C and len(e["pieces"]) == C for e in events)
+    assert all(e["max_steps"] == STEPS and e["index"] == 0 for e in events)
     ref = reference(model, "drafts", 9, 40)
+    assert "".join(texts) == ref.text
+    # the last draft of the first canvas is the committed canvas
     assert events[STEPS - 1]["token_ids"] == ref.raw_token_ids[:C]
 
 
@@ -386,7 +531,21 @@ def test_cli_show_canvas_and_serve_options(ckpt, model):
     res = CliRunner().invoke(main, ["generate", "--model", str(ckpt), "-p", "a", "-p", "b", "--show-canvas"])
     assert res.exit_code != 0 and "one prompt" in res.output
     res = CliRunner().invoke(main, ["serve", "--help"])
-    assert res.exit_code == 0 and "--max-batch" in res.output and "--print-vllm-command" in res.output
+    assert res.exit_code == 0
+    for flag in ("--max-batch", "--print-vllm-command", "--batching", "--prompt-cache-mb"):
+        assert flag in res.output
+    res = CliRunner().invoke(main, ["serve", "--model", str(ckpt), "--prompt-cache-mb", "-1"])
+    assert res.exit_code == 2 and "--prompt-cache-mb" in res.output
+
+
+def test_port_in_use_is_one_clear_error(ckpt, exact_server):
+    from dgemma.errors import InputError
+    from dgemma.serve.runner import bind
+
+    with pytest.raises(InputError, match="in use"):
+        bind("127.0.0.1", exact_server.port)
+    with pytest.raises(InputError, match="--port 99999"):
+        bind("127.0.0.1", 99999)
 
 
 def test_print_vllm_command(ckpt):

@@ -38,6 +38,16 @@ class Service:
     def __init__(self, model, worker: EngineWorker, name: str):
         self.model, self.worker, self.name = model, worker, name
         self.created = int(time.time())
+        self.task = _task(model)
+
+    def check_task_prompt(self, prompt, param: str) -> None:
+        """A task model refuses prompts it cannot take (a Sudoku model: anything but a puzzle) in one 400."""
+        if self.task is None:
+            return
+        try:
+            self.task.check_prompt(prompt, who=f"the model '{self.name}'", other="a text model")
+        except DgemmaError as e:
+            raise S.ApiError(400, str(e), param=param) from None
 
     def check_model(self, req: S._Generation) -> None:
         if req.model is None:
@@ -48,6 +58,7 @@ class Service:
 
     def chat_prompt(self, req: S.ChatCompletionRequest) -> list[int]:
         messages = [m.plain(i) for i, m in enumerate(req.messages)]
+        self.check_task_prompt(messages, "messages")
         if self.model.tokenizer is None:
             raise S.ApiError(400, "this model has no tokenizer: use /v1/completions with token ids")
         extra = {"tools": req.tools} if req.tools else {}  # the chat template renders the declared tools
@@ -60,6 +71,7 @@ class Service:
         out = []
         for p in req.prompts():
             if isinstance(p, str):
+                self.check_task_prompt(p, "prompt")
                 if self.model.tokenizer is None:
                     raise S.ApiError(400, "this model has no tokenizer: pass token ids", param="prompt")
                 out.append(self.model.tokenizer.encode(p))
@@ -172,24 +184,29 @@ def _request_accepts(name: str) -> bool:
     return name in inspect.signature(Request).parameters
 
 
+def _task(model):
+    """The task module the checkpoint declares (None for plain text)."""
+    try:
+        from ..tasks import task_of
+    except ImportError:
+        return None
+    return task_of(model.checkpoint)
+
+
 def task_checker(model, prompt_ids: list[int]):
     """The checker of the checkpoint's task for one request's prompt (`checker(row, canvas) -> bool mask`), or None
     when the task has none. A task module may export `request_checker(model, prompt_ids)`; the Sudoku task's checker
     is built from the puzzle the prompt encodes."""
-    try:
-        from ..tasks import task_of
-
-        task = task_of(model.checkpoint)
-    except (ImportError, AttributeError):
-        task = None
+    task = _task(model)
     hook = getattr(task, "request_checker", None)
     if hook is not None:
         return hook(model, prompt_ids)
-    from ..sudoku_task import decode_board, is_sudoku_model, make_checker
-
-    if not is_sudoku_model(model):
+    if getattr(task, "NAME", None) != "sudoku":
         return None
-    return make_checker([decode_board(prompt_ids)])  # the engine calls it with row 0 for every attempt
+    from ..tasks.sudoku.task import BOS, decode_board, make_checker
+
+    cells = prompt_ids[1:] if prompt_ids and prompt_ids[0] == BOS else prompt_ids  # <bos> + 81 cells + ...
+    return make_checker([decode_board(cells)])  # the engine calls it with row 0 for every attempt
 
 
 # ======================================================================================================================
