@@ -377,6 +377,24 @@ def test_adaptive_stopping_is_per_request(model, exact_server):
     assert rh.usage.model_extra["decoder_passes"] == 24
 
 
+# -- structured output -----------------------------------------------------------------------------------------------
+def test_response_format_json_schema(model, exact_server):
+    """OpenAI's response_format reaches the engine's grammar constraint: the reply parses and validates, and equals
+    the library's solo run with the same response_format."""
+    jsonschema = pytest.importorskip("jsonschema")
+    pytest.importorskip("llguidance")
+    shape = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
+             "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "shape", "schema": shape, "strict": True}}
+    msgs = [{"role": "user", "content": "json please"}]
+    r = client(exact_server).chat.completions.create(model=NAME, messages=msgs, max_tokens=64, seed=1,
+                                                     response_format=fmt, extra_body={"max_denoising_steps": 4})
+    text = r.choices[0].message.content
+    jsonschema.validate(json.loads(text), shape)
+    assert r.choices[0].finish_reason == "stop"
+    assert text == reference(model, msgs, 1, 64, steps=4, response_format=fmt).text
+
+
 # -- prompt caching --------------------------------------------------------------------------------------------------
 def test_prompt_cache_hits_give_identical_answers(model, exact_server):
     """A resent prompt and a longer prompt that starts with it reuse the encoded prefix: the answers equal the solo
