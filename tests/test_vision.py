@@ -588,3 +588,41 @@ def test_image_errors_through_the_api(vision_model_ckpt, tiny_ckpt, tmp_path):
     (textonly / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(InputError, match="has no vision tower"):
         dgemma.load(textonly, backend="cuda").generate(two, max_new_tokens=16)
+
+
+# -- the CLI -----------------------------------------------------------------------------------------------------
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from dgemma.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if not ln.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_cli_generate_with_images(vision_model_ckpt, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.jpg"
+    Image.fromarray(_noise(100, 200)).save(a)
+    Image.fromarray(_noise(300, 90, 1)).save(b)
+    common = ["generate", "--model", str(vision_model_ckpt), "--max-new-tokens", "16", "--steps", "3", "--seed", "1"]
+    ok = _cli(*common, "--chat", "--image", str(a), "--image", str(b), "-p", "compare", "-p", "again", "--json")
+    assert ok.exit_code == 0, ok.output
+    rows = [json.loads(line) for line in ok.stdout.splitlines()]
+    settings = ImageSettings.from_folder(vision_model_ckpt)
+    soft = sum(preprocess(p, settings).num_soft_tokens for p in (a, b))
+    assert len(rows) == 2 and rows[0]["prompt_tokens"] - rows[1]["prompt_tokens"] == len("compare") - len("again")
+    assert rows[1]["prompt_tokens"] > soft + 4  # both images' soft tokens and their boi/eoi are in the prompt
+    _one_line_error(_cli(*common, "--image", str(a), "-p", "x"), "--image needs --chat")
+    _one_line_error(_cli(*common, "--chat", "--image", str(tmp_path / "none.png"), "-p", "x"),
+                    "--image", "none.png: file not found")
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a png at all")
+    _one_line_error(_cli(*common, "--chat", "--image", str(junk), "-p", "x"), "junk.png: not a readable image")
+    _one_line_error(_cli("generate", "--chat", "--image", str(a), "-p", "x", "--max-new-tokens", "16"))  # no tower
