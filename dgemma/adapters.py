@@ -135,8 +135,8 @@ def check_adapter_names(file, have, want) -> None:
     if encoder and not have_names & set(encoder) and _written_by_peft(file):
         raise ValueError(f"{file}: the adapter adapts the decoder's layers only; dgemma runs one set of layers for the "
                          "encoder and the decoder, so it needs the encoder's adapters too, tied to the decoder's")
-    extra = have_names - set(want) - (set(encoder) if have_names & set(encoder) else set())
-    missing = (set(want) | (set(encoder) if have_names & set(encoder) else set())) - have_names
+    expected = set(want) | (set(encoder) if have_names & set(encoder) else set())
+    extra, missing = have_names - expected, expected - have_names
     if extra or missing:
         raise ValueError(f"{file}: adapters do not match the model (extra {sorted(extra)[:3]}, "
                          f"missing {sorted(missing)[:3]})")
