@@ -73,9 +73,8 @@ def _quantization(cfg: dict, where: Path) -> str | None:
     qc = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config")
     if not qc:
         return None
-    method = qc.get("quant_method")
-    if method != "compressed-tensors":
-        return str(method)  # fp8, awq, ... : vLLM names its loaders after quant_method
+    if qc.get("quant_method") != "compressed-tensors":
+        return None  # another method (fp8, awq, ...): vLLM picks its loader from quantization_config itself
     if qc.get("dgemma_layout"):
         raise CheckpointError(f"{where}: written by an older dgemma convert whose packed experts vLLM cannot read; "
                               "convert the original again (`dgemma convert SRC DST --to cuda --quant fp8`)")
