@@ -43,3 +43,27 @@ def text_tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def is_optional(name: str) -> bool:
     """Tensors a checkpoint may omit: the encoder's layer scalars (the decoder's value is used then)."""
     return name.startswith(ENCODER_LAYERS) and name.endswith(".layer_scalar")
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def check_weights(where, have: dict, want: dict, *, optional=lambda name: False, unknown_ok: bool = False,
+                  label=lambda name: name) -> None:
+    """The load-time check every backend makes, written once: `have` and `want` map a backend's own tensor names to
+    shapes (what the checkpoint holds, after the backend's `sanitize`; what the config implies). Raises
+    CheckpointError naming `where` for a tensor of the wrong shape, tensors the model lacks (unless `optional`) and,
+    unless `unknown_ok`, tensors it does not know. `label(name)` is how a name is shown (e.g. its file and HF name)."""
+    from .errors import CheckpointError
+
+    for name, shape in have.items():
+        if name in want and tuple(shape) != tuple(want[name]):
+            raise CheckpointError(f"{label(name)} has shape {tuple(shape)}, the config implies {tuple(want[name])}")
+    if not unknown_ok:
+        unknown = sorted(set(have) - set(want))
+        if unknown:
+            raise CheckpointError(f"{where}: unexpected tensor(s) {_names(unknown)}")
+    missing = sorted(n for n in set(want) - set(have) if not optional(n))
+    if missing:
+        raise CheckpointError(f"{where}: checkpoint lacks tensor(s) {_names(missing)}")

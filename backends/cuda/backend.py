@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from dgemma.backend import ArrayOps, Backend
 from dgemma.checkpoint import Checkpoint
 from dgemma.errors import BackendUnavailable, CheckpointError, InputError
+from dgemma.weights import check_weights
 
 from .cache import TorchBatchCache
 from .model import DiffusionGemmaText, expected_shapes, sanitize
@@ -183,32 +184,26 @@ class TorchBackend(Backend):
         self.pass_width = max(self.config.canvas_length, self.prefill_chunk)
 
     def _load_weights(self, model: DiffusionGemmaText, progress: bool) -> None:
-        cfg = self.config
-        want = expected_shapes(cfg)
+        ckpt = self.checkpoint
+        want = expected_shapes(self.config)
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
-        seen: set[str] = set(self.quantized)
-        names = [n for n in self.checkpoint.tensors if sanitize(n) in want and sanitize(n) not in seen]
-        it = self.checkpoint.iter_tensors("pt", set(names))
+        names = {sanitize(n): n for n in ckpt.tensors if sanitize(n) in want and sanitize(n) not in self.quantized}
+        have = {ours: ckpt.tensors[hf].shape for ours, hf in names.items()}
+        have.update({n: want[n] for n in self.quantized})
+        check_weights(ckpt.path, have, want, optional=lambda n: n.endswith("encoder_layer_scalar"), unknown_ok=True,
+                      label=lambda n: f"{ckpt.tensors[names[n]].file}: tensor {names[n]}")
+        it = ckpt.iter_tensors("pt", set(names.values()))
         bar = tqdm(it, total=len(names), desc="loading weights", unit="tensor", disable=not progress, leave=False)
+        seen = set(self.quantized)
         with torch.no_grad():
             for hf_name, tensor in bar:
-                ours = sanitize(hf_name)
                 if tensor.dtype.itemsize == 1 and tensor.is_floating_point():  # FP8 without a scale beside it
-                    raise CheckpointError(f"{self.checkpoint.tensors[hf_name].file}: {hf_name} is float8 but has no "
+                    raise CheckpointError(f"{ckpt.tensors[hf_name].file}: {hf_name} is float8 but has no "
                                           f"{hf_name}_scale")
-                if tuple(tensor.shape) != want[ours]:
-                    raise CheckpointError(
-                        f"{self.checkpoint.tensors[hf_name].file}: tensor {hf_name} has shape {tuple(tensor.shape)}, "
-                        f"the config implies {want[ours]}"
-                    )
-                target = params[ours]
+                target = params[sanitize(hf_name)]
                 target.copy_(tensor.to(self.device, dtype=target.dtype))
-                seen.add(ours)
-        missing = sorted(set(want) - seen - {n for n in want if n.endswith("encoder_layer_scalar")})
-        if missing:
-            raise CheckpointError(f"{self.checkpoint.path}: checkpoint lacks tensor(s) {', '.join(missing[:3])}"
-                                  + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
+                seen.add(sanitize(hf_name))
         for i, layer in enumerate(model.layers):  # no separate encoder copy stored: share the decoder's value
             if f"layers.{i}.encoder_layer_scalar" not in seen:
                 layer.encoder_layer_scalar.copy_(layer.layer_scalar)

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from dgemma.backend import ArrayOps, Backend
 from dgemma.checkpoint import Checkpoint
 from dgemma.errors import BackendUnavailable, CheckpointError, InputError
+from dgemma.weights import check_weights
 
 from .cache import MLXBatchCache
 from .model import DiffusionGemmaText, infer_quant_params, normalize_quant_block, sanitize, sanitize_name
@@ -241,19 +242,9 @@ class MLXBackend(Backend):
                     raise CheckpointError(f"{ckpt.path}: {e}") from None
 
             nn.quantize(model, class_predicate=predicate)
-        want = dict(tree_flatten(model.parameters()))
-        unknown = sorted(set(weights) - set(want))
-        if unknown:
-            raise CheckpointError(f"{ckpt.path}: unexpected tensor(s) {', '.join(unknown[:3])}"
-                                  + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""))
-        missing = sorted(n for n in set(want) - set(weights) if not n.endswith("encoder_layer_scalar"))
-        if missing:
-            raise CheckpointError(f"{ckpt.path}: checkpoint lacks tensor(s) {', '.join(missing[:3])}"
-                                  + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
-        for n, v in weights.items():
-            if tuple(v.shape) != tuple(want[n].shape):
-                raise CheckpointError(f"{ckpt.path}: tensor {n} has shape {tuple(v.shape)}, the config implies "
-                                      f"{tuple(want[n].shape)}")
+        want = {n: tuple(v.shape) for n, v in tree_flatten(model.parameters())}
+        check_weights(ckpt.path, {n: tuple(v.shape) for n, v in weights.items()}, want,
+                      optional=lambda n: n.endswith("encoder_layer_scalar"), label=lambda n: f"{ckpt.path}: tensor {n}")
         for i in range(len(model.layers)):  # no separate encoder copy stored: share the decoder's value
             n = f"layers.{i}.encoder_layer_scalar"
             if n not in weights:
