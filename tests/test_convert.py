@@ -194,7 +194,7 @@ def test_mlx_output_layout_and_mlx_vlm_load(work, roundtrips):
 def test_cuda_quantized_loader(work, roundtrips):
     """backends/cuda/quantized.py: dequantize-on-load equals the converter's hf output, and the in-memory quantized
     modules give the logits of the dequantized model."""
-    from dgemma.backends.cuda.model import sanitize
+    from dgemma.backends.cuda.model import sanitize_name as sanitize
     from dgemma.backends.cuda.quantized import (FP8Linear, Int4Experts, install_quantized_modules, iter_dense_tensors,
                                                 quantization_kind)
 

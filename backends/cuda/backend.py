@@ -12,7 +12,7 @@ from dgemma.errors import BackendUnavailable, CheckpointError, InputError
 from dgemma.weights import check_weights
 
 from .cache import TorchBatchCache
-from .model import DiffusionGemmaText, expected_shapes, sanitize
+from .model import DiffusionGemmaText, expected_shapes, sanitize_name
 from .quantized import install_quantized_modules, quantization_kind
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -176,7 +176,7 @@ class TorchBackend(Backend):
         # quantized ones before anything is allocated, so the dense weights never exist in memory.
         self.quantized = set()
         if quantization_kind(checkpoint):
-            self.quantized = install_quantized_modules(model, checkpoint, sanitize, self.device, self.dtype)
+            self.quantized = install_quantized_modules(model, checkpoint, sanitize_name, self.device, self.dtype)
         _materialize(model, self.device)
         self._load_weights(model, progress)
         self.model = model.eval()
@@ -188,7 +188,8 @@ class TorchBackend(Backend):
         want = expected_shapes(self.config)
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
-        names = {sanitize(n): n for n in ckpt.tensors if sanitize(n) in want and sanitize(n) not in self.quantized}
+        ours = {n: sanitize_name(n) for n in ckpt.tensors}
+        names = {o: n for n, o in ours.items() if o in want and o not in self.quantized}
         have = {ours: ckpt.tensors[hf].shape for ours, hf in names.items()}
         have.update({n: want[n] for n in self.quantized})
         check_weights(ckpt.path, have, want, optional=lambda n: n.endswith("encoder_layer_scalar"), unknown_ok=True,
@@ -201,9 +202,9 @@ class TorchBackend(Backend):
                 if tensor.dtype.itemsize == 1 and tensor.is_floating_point():  # FP8 without a scale beside it
                     raise CheckpointError(f"{ckpt.tensors[hf_name].file}: {hf_name} is float8 but has no "
                                           f"{hf_name}_scale")
-                target = params[sanitize(hf_name)]
+                target = params[sanitize_name(hf_name)]
                 target.copy_(tensor.to(self.device, dtype=target.dtype))
-                seen.add(sanitize(hf_name))
+                seen.add(sanitize_name(hf_name))
         for i, layer in enumerate(model.layers):  # no separate encoder copy stored: share the decoder's value
             if f"layers.{i}.encoder_layer_scalar" not in seen:
                 layer.encoder_layer_scalar.copy_(layer.layer_scalar)

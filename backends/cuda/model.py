@@ -1,6 +1,6 @@
 """DiffusionGemma's text backbone in PyTorch: one file, the encoder and decoder passes over shared weights.
 
-Weight names follow the checkpoint's decoder (`sanitize()` maps the Hugging Face names onto them). Numerics follow
+Weight names follow the checkpoint's decoder (`sanitize()` / `sanitize_name()` map the Hugging Face names onto them). Numerics follow
 transformers' reference op for op where it matters for parity (float32 RMSNorm via pow(-0.5), float32 router softmax,
 float32 RoPE tables cast to the activations' dtype, float32 soft-capped logits).
 """
@@ -20,7 +20,7 @@ from dgemma.kvlayout import RowLayout, decode_layout, extend_layout
 from dgemma.weights import LAYER_NORMS, text_tensor_shapes
 
 
-def sanitize(name: str) -> str | None:
+def sanitize_name(name: str) -> str | None:
     """Map a Hugging Face checkpoint tensor name onto this module's names; None for tensors we do not use."""
     if name.startswith("model.decoder."):
         return name[len("model.decoder."):]
@@ -28,8 +28,13 @@ def sanitize(name: str) -> str | None:
     if m:
         # A buffer, so the reference does not tie it: the encoder keeps its own copy.
         return f"layers.{m.group(1)}.encoder_layer_scalar"
-    # Tied copies of decoder weights, the LM head (tied to the embedding) and the vision tower (not supported).
+    # Tied copies of decoder weights, the LM head (tied to the embedding) and the vision tower (its own file).
     return None
+
+
+def sanitize(weights: dict) -> dict:
+    """Rename a whole weight dict onto this module's names (mlx-lm's `sanitize` contract, as the MLX backend's)."""
+    return {sanitize_name(k): v for k, v in weights.items() if sanitize_name(k) is not None}
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -432,4 +437,4 @@ class DiffusionGemmaText(nn.Module):
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor this model needs, by its sanitized name, with its shape from the config."""
-    return {sanitize(name): shape for name, shape in text_tensor_shapes(cfg).items()}
+    return {sanitize_name(name): shape for name, shape in text_tensor_shapes(cfg).items()}

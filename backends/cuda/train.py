@@ -35,7 +35,7 @@ from dgemma.training import (LORA_TARGETS, TrainConfig, TrainLoop, adapter_confi
                              peft_key, read_adapter_config, step_seed, write_adapter, write_checkpoint)
 from dgemma.training import diffusion_objective as core_objective
 
-from .model import DiffusionGemmaText, KVState, sanitize
+from .model import DiffusionGemmaText, KVState, sanitize_name
 
 # ----------------------------------------------------------------------------------------------------------------
 # Differentiable forward passes (mirrors of model.encode / model.decode)
@@ -285,7 +285,7 @@ def load_hf_tensors(model: DiffusionGemmaText, tensors: dict) -> None:
     seen = set()
     with torch.no_grad():
         for name, value in tensors.items():
-            ours = sanitize(name)
+            ours = sanitize_name(name)
             if ours is None or ours not in params:
                 continue
             params[ours].copy_(torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value))
