@@ -2,6 +2,7 @@
 
     python bench/bench_structured.py --engines [--vocab 4000,16000]    # llguidance vs xgrammar vs outlines-core
     python bench/bench_structured.py --protocol [--rows 16]             # host cost of scan/repair per pass, canvas 256
+    python bench/bench_structured.py --backends cuda,mlx [--model M] [--canvas 256] [--seeds 4] [--steps 16]
 
 --engines: the three grammar engines on one nested JSON Schema and one valid 256-token canvas, per tokenizer (the
 random default model's byte vocabulary, and byte-level BPEs trained here on English text at --vocab sizes): compile
@@ -12,6 +13,16 @@ Engines that are not installed are skipped (outlines-core: `pip install outlines
 --protocol: what constraints add to a denoising pass on the host, per pass of --rows rows at canvas 256: `scan` on
 a canvas whose accepted prefix grows over the passes with adversarial tokens (mask computed at the first bad
 position), the mask's host->device size (bool [V] per masked row), and `repair` + `commit` per finished canvas.
+
+Default (end to end): on each backend, the model (--model; else the shipped text model at dgemma/assets/text when
+installed; else a random checkpoint with canvas 256 and the random model's byte tokenizer) generates for the
+benchmark's schemas, regexes and choice lists, --seeds seeds each, one request at a time through the engine, with and
+without the constraint. Prints per backend: validity % (json.loads + jsonschema / re.fullmatch / membership, judged
+outside dgemma.structured), finish reasons, tokens per forward, and the time per pass with and without constraints,
+split into the host work of the protocol (scan, repair, commit: timed around each call), the mask's trip to the
+device and its application (timed around the backend's mask_position), and the canvas/accepted copies to the host
+that scanning needs (timed around to_numpy during a constrained pass). The goal of the issue is an overhead under
+10% of a pass at canvas 256 on the text model.
 """
 
 from __future__ import annotations
@@ -211,19 +222,194 @@ def run_protocol(rows: int, canvas: int = 256, passes: int = 16) -> None:
           "256 KiB at V = 262144)")
 
 
+E2E_SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                      "tags": {"type": "array", "items": {"type": "string", "maxLength": 6},
+                                               "maxItems": 3}},
+     "required": ["color", "tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {
+        "id": {"type": "integer", "minimum": 1, "maximum": 999}, "admin": {"type": "boolean"}},
+        "required": ["id", "admin"], "additionalProperties": False}}, "required": ["user"],
+     "additionalProperties": False},
+]
+E2E_REGEXES = [r"[0-9]{3}-[0-9]{4}", r"(yes|no|maybe)"]
+E2E_CHOICES = [["Paris", "London", "Berlin"]]
+
+
+def _e2e_model(model_path: str | None, backend: str, workdir: Path, canvas: int | None):
+    import dgemma
+    from dgemma.assets import text_model_path
+
+    if model_path is None and text_model_path() is not None:
+        model_path = str(text_model_path())
+    if model_path is None:
+        from dgemma.random_model import write_random_checkpoint
+
+        model_path = str(workdir / f"random-canvas-{canvas or 256}")
+        if not (Path(model_path) / "config.json").exists():
+            write_random_checkpoint(model_path, seed=0, canvas_length=canvas or 256)
+    elif canvas is not None:
+        model_path = _with_canvas(Path(model_path), canvas, workdir)
+    return dgemma.load(model_path, backend=backend), model_path
+
+
+def _with_canvas(folder: Path, canvas: int, workdir: Path) -> str:
+    """The checkpoint with another canvas length (its files linked, config.json rewritten): for timing a pass at
+    that canvas, not for quality (the model was trained at its own)."""
+    target = workdir / f"{folder.name}-canvas-{canvas}"
+    if not target.exists():
+        target.mkdir()
+        for f in folder.iterdir():
+            if f.name != "config.json":
+                (target / f.name).symlink_to(f.resolve())
+        config = json.loads((folder / "config.json").read_text())
+        config["canvas_length"] = canvas
+        (target / "config.json").write_text(json.dumps(config))
+    return str(target)
+
+
+class _Timers:
+    """Seconds spent in the constraint protocol, in the mask's trip to the device and in host copies of a pass."""
+
+    def __init__(self, model):
+        from dgemma.structured.grammar import RowConstraint
+
+        self.seconds = {"protocol": 0.0, "mask": 0.0, "to_host": 0.0}
+        self._patches = []
+        for name in ("scan", "repair", "commit"):
+            self._wrap(RowConstraint, name, "protocol")
+        self._wrap(model.backend.ops, "mask_position", "mask")
+        self._wrap(model.backend.ops, "to_numpy", "to_host")
+
+    def _wrap(self, owner, name: str, bucket: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[bucket] += time.perf_counter() - start
+
+        setattr(owner, name, timed)
+        self._patches.append((owner, name, original))
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+    def close(self) -> None:
+        for owner, name, original in reversed(self._patches):
+            setattr(owner, name, original)
+
+
+def _judge(text: str, kind: str, value) -> bool:
+    import re
+
+    import jsonschema
+
+    if kind == "json_schema":
+        try:
+            jsonschema.validate(json.loads(text), value)
+            return True
+        except (json.JSONDecodeError, jsonschema.ValidationError):
+            return False
+    return bool(re.fullmatch(value, text)) if kind == "regex" else text in value
+
+
+def run_e2e(backends: list[str], model_path: str | None, seeds: int, steps: int | None, max_new_tokens: int,
+            json_out: str | None, canvas: int | None = None) -> None:
+    import tempfile
+
+    from dgemma.engine import Engine, Request
+    from dgemma.structured import StructuredSpec, compile
+
+    cases = ([("json_schema", s, StructuredSpec.json_schema(s)) for s in E2E_SCHEMAS]
+             + [("regex", r, StructuredSpec.regex(r)) for r in E2E_REGEXES]
+             + [("choices", c, StructuredSpec.choices(c)) for c in E2E_CHOICES])
+    report = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in backends:
+            model, used = _e2e_model(model_path, backend, Path(tmp), canvas)
+            sampler = {"max_new_tokens": max_new_tokens}
+            if steps:
+                sampler["max_denoising_steps"] = steps
+            settings = model.settings(**sampler)
+            prompt = model.tokenizer.encode("Answer in JSON.")
+            timers = _Timers(model)
+            rows = {}
+            try:
+                for constrained in (False, True):
+                    valid = total = passes = tokens = 0
+                    wall = 0.0
+                    finishes: dict = {}
+                    timers.reset()
+                    for kind, value, spec in cases:
+                        grammar = compile(spec, model.tokenizer, model.config.vocab_size, settings.eos_token_ids)
+                        for seed in range(seeds):
+                            engine = Engine(model.backend)
+                            handle = engine.submit(Request(prompt, settings, seed=seed,
+                                                           constraint=grammar.new_row() if constrained else None))
+                            start = time.perf_counter()
+                            for _ in engine.run([handle]):
+                                pass
+                            wall += time.perf_counter() - start
+                            if handle.error is not None:
+                                raise handle.error
+                            res = handle.result
+                            total += 1
+                            valid += _judge(model.tokenizer.decode(res.token_ids), kind, value)
+                            passes += res.decoder_passes
+                            tokens += res.tokens_per_forward * res.decoder_passes
+                            finishes[res.finish_reason] = finishes.get(res.finish_reason, 0) + 1
+                    sec = dict(timers.seconds)
+                    rows[constrained] = dict(valid=100.0 * valid / total, outputs=total, finishes=finishes,
+                                             tokens_per_forward=tokens / passes, ms_per_pass=1e3 * wall / passes,
+                                             **{f"{k}_ms_per_pass": 1e3 * v / passes for k, v in sec.items()})
+            finally:
+                timers.close()
+            base, con = rows[False], rows[True]
+            overhead = con["protocol_ms_per_pass"] + con["mask_ms_per_pass"] + \
+                max(0.0, con["to_host_ms_per_pass"] - base["to_host_ms_per_pass"])
+            print(f"\n{backend}: {used}, canvas {model.config.canvas_length}, {seeds} seeds x {len(cases)} specs")
+            print("| constraint | valid % | finish | tokens/forward | ms/pass | protocol ms | mask ms | to-host ms |")
+            print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+            for name, r in (("none", base), ("grammar", con)):
+                print(f"| {name} | {r['valid']:.1f} | {r['finishes']} | {r['tokens_per_forward']:.2f} | "
+                      f"{r['ms_per_pass']:.1f} | {r['protocol_ms_per_pass']:.2f} | {r['mask_ms_per_pass']:.2f} | "
+                      f"{r['to_host_ms_per_pass']:.2f} |")
+            print(f"constraint overhead: {overhead:.2f} ms per pass = {100 * overhead / base['ms_per_pass']:.1f}% of "
+                  f"an unconstrained pass ({base['ms_per_pass']:.1f} ms)")
+            report.append(dict(backend=backend, model=used, unconstrained=base, constrained=con,
+                               overhead_ms_per_pass=overhead))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", action="store_true", help="compare llguidance, xgrammar and outlines-core")
     parser.add_argument("--vocab", default="4000,16000", help="BPE vocab sizes to train for --engines")
     parser.add_argument("--protocol", action="store_true", help="host cost of the canvas protocol per pass")
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--backends", default="cuda,mlx")
+    parser.add_argument("--model", default=None, help="checkpoint (default: the shipped text model, else random)")
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None, help="max denoising steps (default: the checkpoint's)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--json", default=None, help="write the end-to-end numbers to this file")
+    parser.add_argument("--canvas", type=int, default=None,
+                        help="time at this canvas length (default: the model's; a random model is made at 256)")
     args = parser.parse_args()
     if args.engines:
         run_engines([int(v) for v in args.vocab.split(",") if v])
     if args.protocol:
         run_protocol(args.rows)
     if not (args.engines or args.protocol):
-        parser.error("choose --engines and/or --protocol")
+        run_e2e([b for b in args.backends.split(",") if b], args.model, args.seeds, args.steps, args.max_new_tokens,
+                args.json, args.canvas)
 
 
 if __name__ == "__main__":

@@ -452,3 +452,175 @@ def test_cli_flags(tmp_path):
                             (dict(choices=[""]), "--choice: must be")):
         with pytest.raises(InputError, match=message):
             spec_from_flags(**kwargs)
+
+
+# == end to end: Model.generate / generate_batch / stream through the engine, on both backends ======================
+
+# Every spec whose outputs have a bounded length (a random model left free inside an open-ended string or an unbounded
+# set of keys can write until max_new_tokens): 17 schemas, the regexes, choices and grammars.
+BOUNDED_SCHEMAS = (1, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 19, 21)
+E2E_SPECS = ([StructuredSpec.json_schema(SCHEMAS[i]) for i in BOUNDED_SCHEMAS]
+             + [StructuredSpec.regex(r) for r in REGEXES] + [StructuredSpec.choices(c) for c in CHOICES]
+             + [StructuredSpec.grammar(g) for g in GRAMMARS])
+FAST = dict(max_new_tokens=160, max_denoising_steps=4)
+
+
+def _checkpoint_with_tokenizer(ckpt_dir, name: str, tokenizer_json: str, seed: int):
+    """A random DiffusionGemma saved by transformers (tests/reference.py: vocab 384, eos 1, canvas 16) with a
+    tokenizer.json beside it."""
+    from reference import make_checkpoint
+
+    path = ckpt_dir / name
+    if not (path / "config.json").exists():
+        make_checkpoint(path, canvas_length=16, scale=0.5, seed=seed)
+        (path / "tokenizer.json").write_text(tokenizer_json)
+    return path
+
+
+@pytest.fixture(scope="module", params=["cuda", "mlx"])
+def e2e_models(request, ckpt_dir):
+    pytest.importorskip("torch" if request.param == "cuda" else "mlx.core")
+    import dgemma
+
+    bpe, _, _ = trained_bpe_tokenizer(384)
+    assert bpe.token_to_id("<eos>") == 1 and bpe.get_vocab_size() <= 384
+    return [dgemma.load(_checkpoint_with_tokenizer(ckpt_dir, "structured-bytes", build_tokenizer_json(), 3),
+                        backend=request.param),
+            dgemma.load(_checkpoint_with_tokenizer(ckpt_dir, "structured-bpe", bpe.to_str(), 4),
+                        backend=request.param)]
+
+
+@pytest.mark.slow
+def test_generated_outputs_always_validate(e2e_models):
+    """Every bounded spec, two seeds each, on both tokenizers: 100% of the outputs parse and validate."""
+    assert len(E2E_SPECS) >= 25
+    failures, outputs = [], 0
+    for model in e2e_models:
+        for n, spec in enumerate(E2E_SPECS):
+            for seed in (n, n + 50):
+                out = model.generate("Give me JSON.", response_format=spec, seed=seed, **FAST)
+                outputs += 1
+                why = broken(out.text, spec)
+                if why or out.stats.finish_reason != "eos":
+                    failures.append(f"{spec.kind} {spec.value!r:.50} seed {seed}: {out.text!r} "
+                                    f"({out.stats.finish_reason}): {why}")
+    assert outputs == 4 * len(E2E_SPECS)
+    assert not failures, "\n".join(failures)
+
+
+def test_one_schema_end_to_end(e2e_models):
+    """The fast tier's check on each backend: one nested schema, both tokenizers, a few canvases."""
+    schema = SCHEMAS[5]
+    for model in e2e_models:
+        out = model.generate("Give me JSON.", response_format=schema, seed=0, **FAST)
+        jsonschema.validate(json.loads(out.text), schema)
+        assert out.stats.finish_reason == "eos" and out.stats.canvases > 1
+
+
+@pytest.mark.slow
+def test_every_face_of_the_api(e2e_models):
+    model = e2e_models[0]
+    schema = SCHEMAS[5]
+    outs = model.generate_batch(["one", "two", "three"], response_format=schema, seeds=[1, 2, 3], **FAST)
+    for out in outs:
+        jsonschema.validate(json.loads(out.text), schema)
+    assert broken(model.generate("x", regex=REGEXES[3], seed=4, **FAST).text, StructuredSpec.regex(REGEXES[3])) is None
+    assert model.generate("x", choices=CHOICES[0], seed=5, **FAST).text in CHOICES[0]
+    chunks = list(model.stream("x", response_format={"type": "json_schema", "json_schema": {"name": "s",
+                                                                                         "schema": schema}},
+                               seed=6, **FAST))
+    assert len(chunks) > 1 and chunks[-1].finished           # several canvases, each committed valid
+    jsonschema.validate(json.loads("".join(c.text for c in chunks)), schema)
+    free = model.generate("x", seed=7, **FAST)                # no constraint: the row is untouched by the grammar
+    assert free.stats.finish_reason in ("eos", "length")
+    with pytest.raises(InputError, match="json_schema at /properties/a/not"):
+        model.generate("x", response_format={"type": "object", "properties": {"a": {"not": {}}}}, **FAST)
+    with pytest.raises(InputError, match="give one of"):
+        model.generate("x", regex="a", choices=["a"], **FAST)
+
+
+@pytest.mark.slow
+def test_tool_call_through_the_engine(e2e_models):
+    model = e2e_models[1]
+    spec = StructuredSpec.from_openai({"tools": TOOLS, "tool_choice": "required"})
+    params = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    for seed in range(3):
+        content, calls = parse_tool_calls(model.generate("Call a tool.", response_format=spec, seed=seed,
+                                                         **FAST).text, spec)
+        assert content is None and len(calls) == 1
+        jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), params[calls[0]["function"]["name"]])
+
+
+# == dgemma generate --json-schema / --regex / --choice / --grammar ==================================================
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from dgemma.cli import main
+
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.stderr.splitlines() if not ln.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_cli_structured_output(random_default, tmp_path):
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMAS[5]))
+    base = ["generate", "--model", str(random_default), "--max-new-tokens", "128", "--steps", "3", "--no-stats"]
+    r = _cli(*base, "--prompt", "a", "--prompt", "b", "--seed", "1", "--json-schema", str(schema_file))
+    assert r.exit_code == 0, r.stderr
+    texts = r.stdout.splitlines()
+    assert len(texts) == 2
+    for text in texts:
+        jsonschema.validate(json.loads(text), SCHEMAS[5])
+    r = _cli(*base, "--prompt", "a", "--seed", "2", "--json-schema", str(schema_file), "--stream")
+    assert r.exit_code == 0, r.stderr
+    jsonschema.validate(json.loads(r.stdout), SCHEMAS[5])
+    r = _cli(*base, "--prompt", "a", "--seed", "3", "--regex", REGEXES[0])
+    assert r.exit_code == 0 and re.fullmatch(REGEXES[0], r.stdout.strip()), r.output
+    r = _cli(*base, "--prompt", "a", "--seed", "4", "--choice", "yes", "--choice", "no")
+    assert r.exit_code == 0 and r.stdout.strip() in ("yes", "no"), r.output
+
+
+def test_cli_structured_output_errors(random_default, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "object", "properties": {"a": {"not": {"type": "string"}}}}')
+    base = ["generate", "--model", str(random_default), "--prompt", "x", "--max-new-tokens", "16"]
+    _one_line_error(_cli(*base, "--json-schema", str(bad)), f"--json-schema {bad}", "json_schema at /properties/a/not",
+                    "Unimplemented keys")
+    _one_line_error(_cli(*base, "--json-schema", str(tmp_path / "none.json")), "none.json", "No such file")
+    _one_line_error(_cli(*base, "--regex", "[0-9"), "--regex", "unclosed character class")
+    _one_line_error(_cli(*base, "--regex", "a", "--choice", "b"), "--regex and --choice")
+    from dgemma.tasks.sudoku.task import held_out_puzzles
+
+    puzzle = held_out_puzzles("55", 1)[0][0]
+    _one_line_error(_cli("generate", "--prompt", puzzle, "--choice", "x"), "--choice", "sudoku model")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_the_shipped_text_model(backend):
+    """The trained text model (dgemma/assets/text, where installed): outputs parse and validate, several seeds."""
+    pytest.importorskip("torch" if backend == "cuda" else "mlx.core")
+    import dgemma
+    from dgemma.assets import text_model_path
+
+    if text_model_path() is None:
+        pytest.skip("this dgemma ships no text model")
+    model = dgemma.load(text_model_path(), backend=backend)
+    failures = []
+    for n, spec in enumerate([StructuredSpec.json_schema(SCHEMAS[i]) for i in (1, 5, 16)]
+                             + [StructuredSpec.regex(REGEXES[0]), StructuredSpec.choices(CHOICES[3])]):
+        for seed in (n, n + 10):
+            out = model.generate("Answer in JSON.", response_format=spec, seed=seed, max_new_tokens=192,
+                                 max_denoising_steps=8)
+            why = broken(out.text, spec)
+            if why or out.stats.finish_reason != "eos":
+                failures.append(f"{spec.kind} seed {seed}: {out.text!r} ({out.stats.finish_reason}): {why}")
+    assert not failures, "\n".join(failures)
