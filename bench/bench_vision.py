@@ -98,8 +98,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="PyTorch device")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: its default)")
+    ap.add_argument("--layers", type=int, default=27,
+                    help="Encoder layers to build (27 is the real tower; fewer to time a slow backend, then the "
+                         "per-layer time is printed too)")
     args = ap.parse_args()
-    v = VisionConfig.from_dict(REAL_VISION)
+    cfg = json.loads(json.dumps(REAL_VISION))
+    cfg["vision_config"]["num_hidden_layers"] = args.layers
+    v = VisionConfig.from_dict(cfg)
     rng = np.random.default_rng(0)
     picture = rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)  # 4:3, resized to each budget
     rows = []
@@ -128,7 +133,7 @@ def main() -> None:
                          "dtype": args.dtype, "max_soft_tokens": n, "soft_tokens": image.num_soft_tokens,
                          "patches": len(image.patches), "seconds_per_image": round(t, 3),
                          "preprocess_seconds": round(prep, 4), "gflop": round(flops / 1e9, 1),
-                         "gflop_per_s": round(flops / t / 1e9, 1)})
+                         "gflop_per_s": round(flops / t / 1e9, 1), "layers": args.layers})
             print(json.dumps(rows[-1]), flush=True)
 
 

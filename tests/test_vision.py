@@ -626,3 +626,39 @@ def test_cli_generate_with_images(vision_model_ckpt, tmp_path):
     junk.write_bytes(b"not a png at all")
     _one_line_error(_cli(*common, "--chat", "--image", str(junk), "-p", "x"), "junk.png: not a readable image")
     _one_line_error(_cli("generate", "--chat", "--image", str(a), "-p", "x", "--max-new-tokens", "16"))  # no tower
+
+
+def test_mlx_loads_a_quantized_vision_tower(vision_ckpt, tmp_path):
+    """A conversion that quantized the tower's linears (mlx-vlm does, at its default predicate) loads quantized in
+    MLX, equal to quantizing the float tower in memory; the PyTorch backend, which runs the tower unquantized, says
+    so in one error."""
+    mx = pytest.importorskip("mlx.core")
+    import shutil
+
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from dgemma.backends.mlx.vision import load_vision_tower
+    from dgemma.errors import CheckpointError
+
+    ck = Checkpoint(vision_ckpt)
+    vision = VisionConfig.from_dict(ck.raw_config)
+    tower = _mlx_tower(vision_ckpt)
+    nn.quantize(tower, group_size=32, bits=8, class_predicate=lambda p, m: isinstance(m, nn.Linear))
+    out = tmp_path / "quantized"
+    shutil.copytree(vision_ckpt, out)
+    tensors = {k: v for k, v in mx.load(str(vision_ckpt / "model.safetensors")).items() if "vision" not in k}
+    for name, t in tree_flatten(tower.parameters()):
+        hf = ("model.encoder.embed_vision." + name[len("embedder."):] if name.startswith("embedder.")
+              else "model.encoder.vision_tower." + ("encoder." + name if name.startswith("layers.") else name))
+        tensors[hf] = t
+    mx.save_safetensors(str(out / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    loaded = load_vision_tower(Checkpoint(out), vision, mx.float32)
+    assert isinstance(loaded.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    settings = ImageSettings(max_soft_tokens=70)
+    images = _images(settings)
+    assert np.array_equal(np.array(loaded(images)), np.array(tower(images)))
+    _, ref_embedded = _reference_features(vision_ckpt, images, settings)
+    assert rel(np.array(loaded(images)), ref_embedded) < 0.05  # 8-bit rounding, not a wiring error
+    with pytest.raises(CheckpointError, match="unexpected vision tensor"):
+        _torch_tower(out)

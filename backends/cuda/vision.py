@@ -203,7 +203,9 @@ def load_vision_tower(checkpoint, vision: VisionConfig, device, dtype) -> Vision
     """Build the tower and load its weights from the checkpoint (kept unquantized: see README "Images")."""
     want = expected_shapes(vision)
     names = {n for n in checkpoint.tensors if sanitize(n) in want}
-    extra = sorted(n for n in checkpoint.tensors if sanitize(n) is not None and n not in names)
+    clip_bounds = ("input_min", "input_max", "output_min", "output_max")  # kept by some conversions, turned off
+    extra = sorted(n for n in checkpoint.tensors if sanitize(n) is not None and n not in names
+                   and not (n.endswith(clip_bounds) and not vision.use_clipped_linears))
     if extra:  # quantization scales and the like: the tower is loaded unquantized only
         raise CheckpointError(f"{checkpoint.path}: unexpected vision tensor {extra[0]} (a quantized vision tower? "
                               "dgemma runs it unquantized)")

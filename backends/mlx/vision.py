@@ -1,8 +1,10 @@
 """The Gemma 4 vision tower and DiffusionGemma's multimodal embedder in MLX: preprocessed images -> the soft-token
 embeddings [n_tokens, text hidden] that replace the image tokens' embeddings in the encoder.
 
-Module names follow the checkpoint's (`sanitize()` drops the `model.encoder.vision_tower.encoder.` prefixes and the
-`.linear` of the clippable linears; mlx-vlm's `vision_tower.` / `embed_vision.` names map the same way). Numerics
+Module names follow the checkpoint's (`sanitize()` drops the `model.encoder.vision_tower.encoder.` prefixes; mlx-vlm's
+`vision_tower.` / `embed_vision.` names map the same way). Linears quantized by an MLX conversion (mlx-vlm quantizes
+the tower's linears unless told to skip it) load as nn.QuantizedLinear with their bits and group size read off the
+shapes; dgemma's own conversions keep the tower unquantized. Numerics
 follow transformers' `Gemma4VisionModel`: RMSNorm in float32 via pow(-0.5) (backends/mlx/model.py's rms_norm), axial
 RoPE tables in float32 cast to the activations' dtype, attention scale 1.0, pooling, the sqrt(hidden) scale and the
 standardisation in float32. Each image runs alone over its real patches (the reference's padding patches are masked
@@ -20,9 +22,9 @@ from mlx.utils import tree_flatten
 
 from dgemma.config import VisionConfig
 from dgemma.errors import CheckpointError
-from dgemma.vision import PreprocessedImage, vision_tensor_shapes
+from dgemma.vision import PreprocessedImage
 
-from .model import RMSNorm, rms_norm
+from .model import RMSNorm, infer_quant_params, rms_norm
 
 _PREFIXES = (("model.encoder.vision_tower.", ""), ("model.vision_tower.", ""), ("vision_tower.", ""),
              ("model.encoder.embed_vision.", "embedder."), ("model.embed_vision.", "embedder."),
@@ -33,8 +35,7 @@ def sanitize_name(name: str) -> str | None:
     """Map one checkpoint tensor name onto this module's names; None for tensors that are not the vision tower's."""
     for prefix, ours in _PREFIXES:
         if name.startswith(prefix):
-            rest = re.sub(r"^encoder\.layers\.", "layers.", name[len(prefix):])
-            return ours + rest.replace(".linear.", ".")
+            return ours + re.sub(r"^encoder\.layers\.", "layers.", name[len(prefix):])
     return None
 
 
@@ -45,10 +46,6 @@ def sanitize(weights: dict) -> dict:
         if n is not None:
             out[n] = v
     return out
-
-
-def expected_shapes(vision: VisionConfig) -> dict[str, tuple[int, ...]]:
-    return {sanitize_name(n): s for n, s in vision_tensor_shapes(vision).items()}
 
 
 def _rope(x, cos, sin):
@@ -68,7 +65,7 @@ def axial_rope(x, cos, sin):
 class ClippableLinear(nn.Module):
     def __init__(self, n_in: int, n_out: int, clipped: bool):
         super().__init__()
-        self.weight = mx.zeros((n_out, n_in))
+        self.linear = nn.Linear(n_in, n_out, bias=False)
         if clipped:
             self.input_min, self.input_max = mx.array(-mx.inf), mx.array(mx.inf)
             self.output_min, self.output_max = mx.array(-mx.inf), mx.array(mx.inf)
@@ -77,7 +74,7 @@ class ClippableLinear(nn.Module):
     def __call__(self, x):
         if self.clipped:
             x = mx.clip(x, self.input_min, self.input_max)
-        x = x @ self.weight.T
+        x = self.linear(x)
         return mx.clip(x, self.output_min, self.output_max) if self.clipped else x
 
 
@@ -137,6 +134,10 @@ class VisionLayer(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
+def _activation_dtype(linear) -> mx.Dtype:
+    return linear.scales.dtype if isinstance(linear, nn.QuantizedLinear) else linear.weight.dtype
+
+
 class PatchEmbedder(nn.Module):
     def __init__(self, v: VisionConfig):
         super().__init__()
@@ -145,7 +146,7 @@ class PatchEmbedder(nn.Module):
 
     def __call__(self, patches, positions):
         # Gemma 4 normalises pixels in the model: [0, 1] -> [-1, 1].
-        h = self.input_proj((2 * (patches - 0.5)).astype(self.input_proj.weight.dtype))
+        h = self.input_proj((2 * (patches - 0.5)).astype(_activation_dtype(self.input_proj)))
         table = self.position_embedding_table
         return h + (table[0][positions[:, 0]] + table[1][positions[:, 1]])
 
@@ -176,7 +177,7 @@ class VisionTower(nn.Module):
 
     @property
     def dtype(self):
-        return self.patch_embedder.input_proj.weight.dtype
+        return _activation_dtype(self.patch_embedder.input_proj)
 
     def rope(self, positions, dtype):
         """cos, sin [N, head_dim]: the reference's [x, x, y, y] layout of float32 angles, cast to dtype."""
@@ -210,8 +211,11 @@ class VisionTower(nn.Module):
         return mx.concatenate([self.embed(self.features(im)) for im in images], axis=0)
 
 
+_CLIP_BOUNDS = ("input_min", "input_max", "output_min", "output_max")
+
+
 def load_vision_tower(checkpoint, vision: VisionConfig, dtype) -> VisionTower:
-    """Build the tower and load its weights from the checkpoint (kept unquantized: see README "Images")."""
+    """Build the tower and load its weights from the checkpoint (quantized linears stay quantized)."""
     raw = {}
     for f in checkpoint.files:
         try:
@@ -220,23 +224,34 @@ def load_vision_tower(checkpoint, vision: VisionConfig, dtype) -> VisionTower:
             raise CheckpointError(f"{f}: could not read tensor data ({e})") from None
         raw.update({k: t for k, t in shard.items() if sanitize_name(k) is not None})
     weights = sanitize(raw)
-    want = expected_shapes(vision)
+    if not vision.use_clipped_linears:  # clip bounds some conversions keep even though the config turns them off
+        weights = {n: t for n, t in weights.items() if not n.endswith(_CLIP_BOUNDS)}
+    tower = VisionTower(vision)
+    if any(n.endswith(".scales") for n in weights):
+        def predicate(path, module):
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+                return False
+            try:
+                return infer_quant_params(path, module, weights, {"mode": "affine"})
+            except ValueError as e:
+                raise CheckpointError(f"{checkpoint.path}: vision tower: {e}") from None
+
+        nn.quantize(tower, class_predicate=predicate)
+    want = dict(tree_flatten(tower.parameters()))
     unknown = sorted(set(weights) - set(want))
-    if unknown:  # quantization scales and the like: the tower is loaded unquantized only
-        raise CheckpointError(f"{checkpoint.path}: unexpected vision tensor {unknown[0]} (a quantized vision tower? "
-                              "dgemma runs it unquantized)")
+    if unknown:
+        raise CheckpointError(f"{checkpoint.path}: unexpected vision tensor(s) {', '.join(unknown[:3])}")
     missing = sorted(set(want) - set(weights))
     if missing:
         raise CheckpointError(f"{checkpoint.path}: checkpoint lacks vision tensor(s) {', '.join(missing[:3])}"
                               + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     for n, t in weights.items():
-        if tuple(t.shape) != want[n]:
+        if tuple(t.shape) != tuple(want[n].shape):
             raise CheckpointError(f"{checkpoint.path}: vision tensor {n} has shape {tuple(t.shape)}, the vision "
-                                  f"config implies {want[n]}")
-    tower = VisionTower(vision)
-    tower.load_weights([(n, t.astype(dtype)) for n, t in weights.items()], strict=True)
+                                  f"config implies {tuple(want[n].shape)}")
+    cast = [(n, t if t.dtype in (mx.uint32, mx.uint8) else t.astype(dtype)) for n, t in weights.items()]
+    tower.load_weights(cast, strict=True)
     mx.eval(tower.parameters())
-    assert set(dict(tree_flatten(tower.parameters()))) == set(want)
     return tower.eval()
 
 
