@@ -137,6 +137,14 @@ class Model:
             return self._images().encode(list(prompt))
         return ImagePrompt(self.encode_prompt(prompt, chat), [])
 
+    def encode_with_images(self, prompt: Prompt, chat: bool | None = None) -> tuple[list[int], dict]:
+        """A prompt's token ids and the engine Request fields its images need ({"input_embeds", "image_blocks"};
+        {} without images): Request(ids, settings, **fields). Image errors are InputErrors naming the image."""
+        encoded = self._encode_images(prompt, chat)
+        if not encoded.images:
+            return encoded.token_ids, {}
+        return encoded.token_ids, self._images().request_inputs(self.backend, [encoded])[0]
+
     def settings(self, **overrides: Any) -> SamplerSettings:
         return self.sampler_defaults.updated(**overrides)
 

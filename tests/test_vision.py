@@ -662,3 +662,24 @@ def test_mlx_loads_a_quantized_vision_tower(vision_ckpt, tmp_path):
     assert rel(np.array(loaded(images)), ref_embedded) < 0.05  # 8-bit rounding, not a wiring error
     with pytest.raises(CheckpointError, match="unexpected vision tensor"):
         _torch_tower(out)
+
+
+def test_encode_with_images_feeds_an_engine_request(vision_model_ckpt):
+    """What a server does with one chat request: encode_with_images, then an engine Request with those fields; the
+    tokens equal generate()'s."""
+    import dgemma
+    from dgemma.engine import Engine, Request
+    from dgemma.sampler import ScriptedNoise
+
+    model = dgemma.load(vision_model_ckpt, backend="cuda", dtype="float32")
+    messages = _image_messages(1, 2, "describe")
+    ids, fields = model.encode_with_images(messages)
+    assert set(fields) == {"input_embeds", "image_blocks"} and len(fields["image_blocks"]) == len(ids)
+    assert model.encode_with_images([{"role": "user", "content": "hi"}])[1] == {}
+    settings = model.settings(max_new_tokens=16, max_denoising_steps=3)
+    engine = Engine(model.backend)
+    handle = engine.submit(Request(ids, settings, noise=ScriptedNoise(4, model.backend.ops), **fields))
+    list(engine.run([handle]))
+    direct = model.generate(messages, noise=ScriptedNoise(4, model.backend.ops), max_new_tokens=16,
+                            max_denoising_steps=3)
+    assert handle.result.raw_token_ids == direct.raw_token_ids
