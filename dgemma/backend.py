@@ -52,6 +52,9 @@ class ArrayOps:
     def put_along(self, x, idx, values) -> Any: raise NotImplementedError  # copy of x with x[r, idx[r, j]] = values
 
     # -- optional fast paths, with their portable definitions ----------------------------------------------------
+    def settle(self, *arrays) -> None:
+        """Compute these now (a lazy framework evaluates them, so a tile's temporaries are freed before the next
+        tile's are made); eager frameworks have nothing to do."""
     compiled_step = None  # MLX: the whole sampler step as one compiled graph (see sampler.denoise_step)
 
     def entropy(self, log_probs, probs):

@@ -138,6 +138,9 @@ class MLXOps(ArrayOps):
         logits[row, pos] = mx.where(keep, logits[row, pos], -mx.inf)
         return logits
 
+    def settle(self, *arrays) -> None:
+        mx.eval(*arrays)
+
     def take_along(self, x, idx):
         i = mx.array(np.asarray(idx, dtype=np.int32))
         return mx.take_along_axis(x, i[..., None] if x.ndim == 3 else i, axis=1)

@@ -513,6 +513,8 @@ class Engine:
                             (next_canvas, argmax, mean_entropy, accepted, pos_entropy)):
                 parts[k].append(v)
             parts["soft"].append(self.backend.soft_embedding(probs))
+            if tile.stop - tile.start < len(rows):  # several tiles: finish this one before the next one's arrays
+                ops.settle(*(v[-1] for v in parts.values() if v))
             del logits, probs, res
         out = {k: v[0] if len(v) == 1 else self._concat(v) for k, v in parts.items()}
         out["candidates"] = candidates
