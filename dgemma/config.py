@@ -1,6 +1,6 @@
 """Model and sampler configuration, read from a checkpoint's config.json and generation_config.json.
 
-Only the text backbone is modelled; the vision tower that the released checkpoint carries is skipped (see README).
+ModelConfig is the text backbone; VisionConfig the Gemma 4 vision tower that the released checkpoint carries.
 """
 
 from __future__ import annotations
