@@ -7,7 +7,11 @@
 Data: a pool of unique-solution puzzles per difficulty (`--pool EASY,MEDIUM,HARD`), each training example a random
 symmetry of one of them (`dgemma.tasks.sudoku.puzzles.augment`: digit relabelling, band/row/stack/column permutations,
 transpose), so the model practically never sees the same example twice. `--difficulty curriculum` (the default) moves
-the mix from mostly easy to mostly medium and hard over the run; a name (easy, medium, hard) or LO,HI givens fixes it.
+the mix from mostly easy to mostly medium and hard over the run; a name (easy, medium, hard, minimal) or LO,HI givens
+fixes it. A --mix of four weights adds a fourth pool, "minimal" (`dgemma.tasks.sudoku.minimal`: minimal unique puzzles
+with at most 26 givens; its size is --pool's fourth number), so a curriculum can end on the hardest puzzles.
+`--bf16` runs the forward and backward passes under bfloat16 autocast (float32 weights and optimizer state);
+examples/sudoku/train_gpu.sh is the one-command accelerator run.
 
 Starts from a fresh random model of `dgemma.tasks.sudoku.task.sudoku_model_config()` (or `--init FOLDER`), writes a
 Hugging Face-layout checkpoint into --out (config.json, generation_config.json, model.safetensors with LoRA merged,
@@ -19,6 +23,7 @@ adapters alone in OUT/adapter/ (PEFT names).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -27,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dgemma.tasks.sudoku.minimal import generate_hard_dataset
 from dgemma.tasks.sudoku.puzzles import augment, generate_dataset
 from dgemma.tasks.sudoku.task import (CANVAS_LENGTH, encode_batch, solve_rate, sudoku_generation_config,
                                       sudoku_model_config, write_tokenizer)
@@ -34,16 +40,32 @@ from dgemma.training import LORA_TARGETS
 
 
 def parse_mix(text: str) -> tuple[np.ndarray, np.ndarray]:
-    """--mix "E,M,H:E,M,H" -> two probability vectors over the easy/medium/hard pools (each normalised to 1);
-    ValueError for anything else."""
+    """--mix "E,M,H:E,M,H" -> two probability vectors over the easy/medium/hard pools (each normalised to 1), or
+    "E,M,H,X:E,M,H,X" over easy/medium/hard/minimal; ValueError for anything else."""
     try:
         ends = [np.array([float(x) for x in part.split(",")]) for part in text.split(":")]
     except ValueError:
         ends = []
-    if len(ends) != 2 or any(e.shape != (3,) or (e < 0).any() or e.sum() <= 0 for e in ends):
-        raise ValueError(f"{text!r}: expected two easy,medium,hard weight triples joined by ':', "
-                         "e.g. 0.7,0.3,0:0.15,0.45,0.4")
+    if (len(ends) != 2 or ends[0].shape != ends[1].shape or ends[0].shape not in ((3,), (4,))
+            or any((e < 0).any() or e.sum() <= 0 for e in ends)):
+        raise ValueError(f"{text!r}: expected two easy,medium,hard[,minimal] weight lists of one length joined by "
+                         "':', e.g. 0.7,0.3,0:0.15,0.45,0.4")
     return ends[0] / ends[0].sum(), ends[1] / ends[1].sum()
+
+
+class OutOfTime(Exception):
+    """--max-minutes ran out: raised by the batch sampler at the start of step `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
+
+
+def make_pool(n: int, band, seed: int, workers: int | None = 1) -> list[tuple[str, str]]:
+    """`n` (puzzle, solution) pairs of a band: "minimal" from the hard generator, anything else `generate_dataset`'s."""
+    if band == "minimal":
+        return generate_hard_dataset(n, seed=seed, workers=workers)
+    return generate_dataset(n, band, seed=seed, workers=workers)
 
 
 def main(argv=None) -> int:
@@ -59,7 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tuning")
     ap.add_argument("--lora-alpha", type=float, default=16.0)
     ap.add_argument("--lora-targets", default=",".join(LORA_TARGETS))
-    ap.add_argument("--difficulty", default="curriculum", help="curriculum, easy, medium, hard, or LO,HI givens")
+    ap.add_argument("--difficulty", default="curriculum", help="curriculum, easy, medium, hard, minimal, or LO,HI "
+                    "givens")
     ap.add_argument("--mix", default="0.7,0.3,0:0.15,0.45,0.4",
                     help="curriculum weights easy,medium,hard at the first step : at the last (linear in between); "
                          "a run continuing a trained model starts harder, e.g. 0.2,0.5,0.3:0.1,0.45,0.45")
@@ -82,8 +105,14 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the elementwise-heavy layer pieces "
                     "(PyTorch backend; about an eighth faster on CPU after a minute of compiling)")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward and backward passes "
+                    "(PyTorch backend; meant for CUDA)")
+    ap.add_argument("--max-minutes", type=float, default=0, help="stop training after this many minutes (counted "
+                    "from the first step; 0: no limit) and export what it reached")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.bf16 and args.backend != "cuda":
+        ap.error("--bf16 needs --backend cuda (PyTorch autocast)")
     try:  # before any folder is made or puzzle generated
         mix_start, mix_end = parse_mix(args.mix)
     except ValueError as e:
@@ -119,12 +148,13 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     sizes = [int(x) for x in args.pool.split(",")]
     if args.difficulty == "curriculum":
-        bands = {"easy": "easy", "medium": "medium", "hard": "hard"}
+        bands = {"easy": "easy", "medium": "medium", "hard": "hard", "minimal": "minimal"}
+        bands = dict(list(bands.items())[:len(mix_start)])
     else:
         bands = {args.difficulty: difficulty}
-    pools = {name: generate_dataset(sizes[min(i, len(sizes) - 1)], band, seed=args.seed + i, workers=None)
+    pools = {name: make_pool(sizes[min(i, len(sizes) - 1)], band, args.seed + i, workers=None)
              for i, (name, band) in enumerate(bands.items())}
-    held_out = {name: generate_dataset(args.eval_size, band, seed=args.seed + 1_000_003 + i)
+    held_out = {name: make_pool(args.eval_size, band, args.seed + 1_000_003 + i)
                 for i, (name, band) in enumerate(bands.items())}
     print("data: " + ", ".join(f"{len(p)} {n}" for n, p in pools.items()) + f" puzzles (+{args.eval_size} held out "
           f"each) in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
@@ -144,6 +174,8 @@ def main(argv=None) -> int:
         return (1 - f) * mix_start + f * mix_end
 
     def batch_fn(step: int, rng: np.random.Generator):
+        if args.max_minutes and time.perf_counter() - t_train > 60 * args.max_minutes:
+            raise OutOfTime(step)
         which = rng.choice(len(names), size=args.batch, p=mix(step))
         picked = [pools[names[w]][rng.integers(len(pools[names[w]]))] for w in which]
         return encode_batch(augment([p for p, _ in picked], [s for _, s in picked], rng), canvas)
@@ -189,9 +221,18 @@ def main(argv=None) -> int:
                 f"{k[5:]} {v:.3f}" for k, v in parts.items() if k.startswith("eval/")), file=sys.stderr)
 
     t_train = time.perf_counter()
-    trainer.fit(None, None, args.steps, checkpoint=str(state_file), evaluate=evaluate,
-                progress=not args.no_progress, log=log, batch_fn=batch_fn,
-                on_save=lambda tr: export_hf(tr.model, out, config, gen_cfg, write_tokenizer))
+    # bf16 autocast: matmuls and attention in bfloat16, weights, gradients' accumulation and AdamW state in float32.
+    precision = (torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16) if args.bf16
+                 else contextlib.nullcontext())
+    try:
+        with precision:
+            trainer.fit(None, None, args.steps, checkpoint=str(state_file), evaluate=evaluate,
+                        progress=not args.no_progress, log=log, batch_fn=batch_fn,
+                        on_save=lambda tr: export_hf(tr.model, out, config, gen_cfg, write_tokenizer))
+    except OutOfTime as stop:
+        # Raised before step `stop.step` drew its batch, so the weights are those of a finished step.
+        print(f"--max-minutes {args.max_minutes:g}: stopped before step {stop.step} of {args.steps}", file=sys.stderr)
+        trainer.save(str(state_file))
     log_file.close()
     export_hf(trainer.model, out, config, gen_cfg, write_tokenizer)
     if args.lora_rank:

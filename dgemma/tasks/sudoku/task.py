@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...engine import attempt_seed
+from .minimal import generate_hard_dataset
 from .puzzles import IDENTITY, Symmetry, generate_dataset, is_valid_solution, parse, random_symmetry, violations
 
 if TYPE_CHECKING:
@@ -354,12 +355,13 @@ def solve_rate(folder, pairs: Sequence[tuple[str, str]], *, backend: str = "cuda
     return {"solve_rate": sum(r.solved for r in results) / n, "steps": sum(r.steps for r in results) / n}
 
 
-# Evaluation puzzles: seed HELD_OUT_SEED + 0/1/2 for easy/medium/hard, HELD_OUT_SEED + 100 + G for exactly G givens.
+# Evaluation puzzles: seed HELD_OUT_SEED + 0/1/2 for easy/medium/hard, + 3 for minimal (minimal unique puzzles with
+# at most 26 givens: `minimal.generate_hard_dataset`), HELD_OUT_SEED + 100 + G for exactly G givens.
 # examples/sudoku/train.py generates its training pools at seed + 0..2 and its own held-out sets at
 # seed + 1_000_003 + 0..2 (seed defaults to 0); both stay clear.
 HELD_OUT_SEED = 7_340_000
 TRAINING_SEEDS = (range(0, 14), range(1_000_003, 1_000_017))
-DIFFICULTY_OFFSET = {"easy": 0, "medium": 1, "hard": 2}
+DIFFICULTY_OFFSET = {"easy": 0, "medium": 1, "hard": 2, "minimal": 3}
 
 
 def puzzle_band(difficulty: str) -> tuple[str | tuple[int, int], int]:
@@ -369,7 +371,7 @@ def puzzle_band(difficulty: str) -> tuple[str | tuple[int, int], int]:
     try:
         givens = int(difficulty)
     except ValueError:
-        raise ValueError(f"unknown difficulty {difficulty!r}: easy, medium, hard or a number of givens "
+        raise ValueError(f"unknown difficulty {difficulty!r}: easy, medium, hard, minimal or a number of givens "
                          "(17-80)") from None
     if not 17 <= givens <= 80:
         raise ValueError(f"a puzzle with a unique solution has 17 to 80 givens, got {givens}")
@@ -393,4 +395,6 @@ def held_out_puzzles(difficulty: str, n: int, seed: int = HELD_OUT_SEED) -> list
     if any(s in r for r in TRAINING_SEEDS):
         raise ValueError(f"puzzle seed {s} is one examples/sudoku/train.py uses for training or its own "
                          "evaluation; pick another --seed")
+    if band == "minimal":
+        return generate_hard_dataset(n, seed=s)
     return generate_dataset(n, band, seed=s)
