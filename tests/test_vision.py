@@ -683,3 +683,27 @@ def test_encode_with_images_feeds_an_engine_request(vision_model_ckpt):
     direct = model.generate(messages, noise=ScriptedNoise(4, model.backend.ops), max_new_tokens=16,
                             max_denoising_steps=3)
     assert handle.result.raw_token_ids == direct.raw_token_ids
+
+
+@pytest.mark.parametrize("backend, kw", [("mlx", dict(to="mlx", bits=4, group_size=32)),
+                                         ("cuda", dict(to="cuda", quant="fp8"))])
+def test_quantized_conversions_take_images(vision_model_ckpt, tmp_path, backend, kw):
+    """dgemma convert carries the vision tower unquantized into a quantized checkpoint, which then takes images:
+    the image tokens' soft embeddings equal the source checkpoint's, and it generates."""
+    import dgemma
+    from dgemma.convert import convert
+
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
+    out = tmp_path / "converted"
+    convert(vision_model_ckpt, out, progress=False, **kw)
+    messages = _image_messages(1, 0)
+    source = dgemma.load(vision_model_ckpt, backend=backend, dtype="float32")
+    quantized = dgemma.load(out, backend=backend, dtype="float32")
+    ids, fields = quantized.encode_with_images(messages)
+    ids_src, fields_src = source.encode_with_images(messages)
+    image = np.asarray(ids) == IMG
+    assert ids == ids_src and image.sum() > 0
+    assert rel(fields["input_embeds"][image], fields_src["input_embeds"][image]) < 1e-6
+    res = quantized.generate(messages, seed=0, max_new_tokens=16, max_denoising_steps=3)
+    assert res.stats.prompt_tokens == len(ids) and len(res.raw_token_ids) == 16
