@@ -5,7 +5,8 @@ backend, difficulty and sampler mode.
     python bench/bench_sudoku.py --model runs/sudoku --backends cuda --n 32 --retries 2 --json bench-sudoku.json
 
 Puzzles: --n per difficulty (medium, hard) from `dgemma.tasks.sudoku.puzzles.generate_dataset` at a fixed held-out seed
-(default HELD_OUT_SEED + 1 for medium, + 2 for hard), disjoint from the seeds examples/sudoku/train.py draws its pools
+(default HELD_OUT_SEED + 1 for medium, + 2 for hard; "minimal", the hard puzzles of `dgemma.tasks.sudoku.minimal`:
+minimal unique puzzles with at most 26 givens, at + 3), disjoint from the seeds examples/sudoku/train.py draws its pools
 (0..13) and its own evaluation sets (1_000_003..1_000_016) from; a --seed that would collide is refused. Puzzle i is
 sampled with seed --sample-seed + i in every mode and on every backend; every cell goes through `solve_puzzles`, --batch
 puzzles per batch.
@@ -26,9 +27,9 @@ Per (backend, difficulty, mode): solved % (complete, rule-abiding, givens kept: 
 denoising passes per puzzle (retry passes included; for attempts, the group's passes), tokens per forward (generated
 non-pad tokens / decoder passes, pooled over the puzzles, per puzzle: an attempts pass denoises canvases/pass
 canvases), wall seconds per puzzle (the cell's wall time / n, after one untimed warm-up batch per backend). Goals:
-solved >= 95% on medium and >= 80% on hard, with a mean of <= 12 denoising passes; each row says met or not met
-(and which part missed). Torch runs on a GPU when there is one, otherwise on the CPU; MLX on Apple silicon or its
-CPU build.
+solved >= 95% on medium, >= 80% on hard and >= 50% on minimal, with a mean of <= 12 denoising passes; each row says
+met or not met (and which part missed). Torch runs on a GPU when there is one, otherwise on the CPU; MLX on Apple
+silicon or its CPU build.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ from dgemma.errors import BackendUnavailable, DgemmaError  # noqa: E402
 from dgemma.tasks.sudoku import task as sudoku_task  # noqa: E402
 from dgemma.tasks.sudoku.task import HELD_OUT_SEED, VOCAB_SIZE, encode_prompt, solve_puzzles  # noqa: E402
 
-GOAL_SOLVED = {"medium": 0.95, "hard": 0.80}
+# minimal: issue 18's goal for puzzles with fewer than 27 givens (50%, meant for one view of a GPU-trained model).
+GOAL_SOLVED = {"medium": 0.95, "hard": 0.80, "minimal": 0.50}
 GOAL_MEAN_STEPS = 12.0
 MODES = ("plain", "renoise", "retries", "attempts", "attempts-plain")
 
@@ -113,12 +115,13 @@ def main() -> int:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--n", type=int, default=100, help="held-out puzzles per difficulty")
     ap.add_argument("--difficulties", default="medium,hard",
-                    help="comma-separated: easy, medium, hard, or a number of givens (e.g. 50)")
+                    help="comma-separated: easy, medium, hard, minimal (< 27 givens), or a number of givens "
+                    "(e.g. 50)")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     ap.add_argument("--retries", type=int, default=2, help="max_retries in the 'retries' mode")
     ap.add_argument("--attempts", type=int, default=8, help="symmetric views per puzzle in the 'attempts' mode")
     ap.add_argument("--seed", type=int, default=HELD_OUT_SEED,
-                    help="held-out puzzle seed (+0 easy, +1 medium, +2 hard, +100+G for G givens)")
+                    help="held-out puzzle seed (+0 easy, +1 medium, +2 hard, +3 minimal, +100+G for G givens)")
     ap.add_argument("--sample-seed", type=int, default=0, help="puzzle i is sampled with seed SAMPLE_SEED + i")
     ap.add_argument("--batch", type=int, default=64, help="puzzles per generate_batch call")
     ap.add_argument("--max-steps", type=int, default=None, help="max denoising steps per attempt (default: the "
@@ -151,8 +154,8 @@ def main() -> int:
           f"{time.perf_counter() - t0:.1f}s); modes: plain = no checker, renoise = checker + max_retries 0, "
           f"retries = checker + max_retries {args.retries}, attempts = renoise on {args.attempts} symmetric views, "
           "attempts-plain = the views without re-noising")
-    print(f"goals: solved >= {100 * GOAL_SOLVED['medium']:.0f}% medium, >= {100 * GOAL_SOLVED['hard']:.0f}% hard; "
-          f"mean denoising steps <= {GOAL_MEAN_STEPS:g}")
+    print(f"goals: solved >= {100 * GOAL_SOLVED['medium']:.0f}% medium, >= {100 * GOAL_SOLVED['hard']:.0f}% hard, "
+          f">= {100 * GOAL_SOLVED['minimal']:.0f}% minimal; mean denoising steps <= {GOAL_MEAN_STEPS:g}")
 
     rows, devices = [], {}
     for backend in [b for b in args.backends.split(",") if b]:
