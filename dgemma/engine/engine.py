@@ -385,7 +385,7 @@ class Engine:
                     p.refresh_every and (r.step + 1) % p.refresh_every == 0):
                 return None
             actives.append(~r.frozen | r.just_froze)
-        width = max(int(a.sum()) for a in actives if a is not None)
+        width = max(1, *(int(a.sum()) for a in actives if a is not None))  # MLX cannot run an empty pass
         if width >= C:
             return None
         idx = np.zeros((len(rows), width), np.int64)
