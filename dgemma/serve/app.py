@@ -135,12 +135,8 @@ class Service:
 
     @staticmethod
     def _speed(req: S._Generation) -> dict:
-        if req.speed in (None, "exact"):
-            return {}
-        if not _request_accepts("speed"):
-            raise S.ApiError(400, f"speed {req.speed!r} is not available in this dgemma yet (only 'exact')",
-                             param="speed")
-        return {"speed": req.speed}
+        """speed="fast" denoises only what still changes (the engine refuses it where it cannot apply)."""
+        return {"speed": req.speed} if req.speed is not None else {}
 
     def structured(self, req: S._Generation):
         """The request's structured-output spec (response_format, tools, vLLM's guided_* / structured_outputs), or
@@ -171,17 +167,6 @@ class Service:
 
 STRUCTURED_FIELDS = ("response_format", "tools", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
                      "structured_outputs")
-
-
-def _request_accepts(name: str) -> bool:
-    import dataclasses
-    import inspect
-
-    from ..engine import Request
-
-    if dataclasses.is_dataclass(Request):
-        return name in {f.name for f in dataclasses.fields(Request)}
-    return name in inspect.signature(Request).parameters
 
 
 def _task(model):

@@ -67,7 +67,8 @@ class ChatMessage(_Body):
     content: Union[str, list[ContentPart], None] = _field("a string or a list of text parts")
 
     def plain(self, index: int) -> dict:
-        """{"role", "content"} with the text parts joined; other parts (images) are refused."""
+        """The message for the chat template: text parts joined (other parts, such as images, are refused); other
+        fields (name, tool_calls, tool_call_id) passed on as sent."""
         content = self.content
         if content is None:
             content = ""
@@ -75,7 +76,7 @@ class ChatMessage(_Body):
             if any(p.type != "text" or p.text is None for p in content):
                 raise ApiError(400, f"messages[{index}].content: only text parts are supported", param="messages")
             content = "\n".join(p.text for p in content)
-        return {"role": self.role, "content": content}
+        return {**(self.model_extra or {}), "role": self.role, "content": content}
 
 
 class _Generation(_Body):

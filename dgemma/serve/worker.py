@@ -179,7 +179,7 @@ class EngineWorker:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.counters = {"completed": 0, "cancelled": 0, "failed": 0, "max_active_seen": 0}
-        self._engine_stats: dict = {}
+        self._engine_stats: dict = self.engine.stats()
 
     def _new_engine(self):
         from ..engine import Engine, PromptCache
@@ -201,7 +201,11 @@ class EngineWorker:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        for job in list(self._live.values()):
+        waiting = []
+        while not self._inbox.empty():
+            kind, jobs = self._inbox.get_nowait()
+            waiting += jobs if kind == "submit" else []
+        for job in list(self._live.values()) + waiting:
             job.send(("error", 503, "the server is shutting down"))
         self._live.clear()
 
