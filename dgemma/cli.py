@@ -312,13 +312,16 @@ def convert_command(src, dst, to, bits, group_size, mixed, quant, rest, dtype, s
 @click.option("--prompt-cache-mb", type=click.FloatRange(min=0), default=512, show_default=True,
               help="Memory for the prompt cache: a request whose prompt starts with an already encoded prefix (a "
                    "shared system prompt, a resent chat) encodes only the rest; least recently used go first. 0: off.")
+@click.option("--speed", type=click.Choice(["exact", "fast"]), default="exact", show_default=True,
+              help="For requests that send no 'speed': exact (the reference's computation) or fast (denoise only the "
+                   "canvas positions still changing).")
 @click.option("--served-model-name", default=None, help="The model id clients send (default: the folder name).")
 @click.option("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's).")
 @click.option("--device", default=None, help="Torch device for --backend cuda (default: cuda if available, else cpu).")
 @click.option("--print-vllm-command", is_flag=True, help="Print the `vllm serve` command for this checkpoint and exit.")
 @click.option("--max-model-len", type=int, default=None, help="With --print-vllm-command (default: the config's).")
-def serve(model_path, backend, host, port, max_batch, batching, prompt_cache_mb, served_model_name, dtype, device,
-          print_vllm_command, max_model_len):
+def serve(model_path, backend, host, port, max_batch, batching, prompt_cache_mb, speed, served_model_name, dtype,
+          device, print_vllm_command, max_model_len):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     if print_vllm_command:
         from .vllm import print_vllm_command as print_command
@@ -331,7 +334,8 @@ def serve(model_path, backend, host, port, max_batch, batching, prompt_cache_mb,
     from .serve import cli_serve
 
     cli_serve(model_path=model_path, backend=backend, host=host, port=port, max_batch=max_batch, batching=batching,
-              prompt_cache_mb=prompt_cache_mb, served_model_name=served_model_name, dtype=dtype, device=device,
+              prompt_cache_mb=prompt_cache_mb, speed=speed, served_model_name=served_model_name, dtype=dtype,
+              device=device,
               print_vllm_command=print_vllm_command, max_model_len=max_model_len)
 
 

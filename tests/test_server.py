@@ -145,6 +145,19 @@ def test_schema_errors_name_the_field():
     assert r.prompts() == [[1, 2]] and r.seed is None
 
 
+def test_server_speed_is_the_default_for_requests_without_one(model):
+    from dgemma.serve.app import Service
+
+    svc = Service(model, worker=None, name=NAME, speed="fast")
+
+    def speed(**body):
+        req = schema.CompletionRequest.model_validate({"model": NAME, "prompt": "x", **body})
+        return svc._speed(req, svc.structured(req))
+
+    assert speed() == {"speed": "fast"} and speed(speed="exact") == {"speed": "exact"}
+    assert speed(response_format={"type": "json_object"}) == {}  # structured output runs exact
+
+
 # -- basics ---------------------------------------------------------------------------------------------------------
 def test_models_and_chat_match_library(model, exact_server):
     c = client(exact_server)
@@ -562,7 +575,7 @@ def test_cli_show_canvas_and_serve_options(ckpt, model):
     assert res.exit_code != 0 and "one prompt" in res.output
     res = CliRunner().invoke(main, ["serve", "--help"])
     assert res.exit_code == 0
-    for flag in ("--max-batch", "--print-vllm-command", "--batching", "--prompt-cache-mb"):
+    for flag in ("--max-batch", "--print-vllm-command", "--batching", "--prompt-cache-mb", "--speed"):
         assert flag in res.output
     res = CliRunner().invoke(main, ["serve", "--model", str(ckpt), "--prompt-cache-mb", "-1"])
     assert res.exit_code == 2 and "--prompt-cache-mb" in res.output

@@ -35,8 +35,8 @@ _SEED_MOD = 2**63
 class Service:
     """The routes' shared state (the model, its worker, its served name) and the request -> jobs translation."""
 
-    def __init__(self, model, worker: EngineWorker, name: str):
-        self.model, self.worker, self.name = model, worker, name
+    def __init__(self, model, worker: EngineWorker, name: str, speed: str = "exact"):
+        self.model, self.worker, self.name, self.speed = model, worker, name, speed
         self.created = int(time.time())
         self.task = _task(model)
 
@@ -100,7 +100,7 @@ class Service:
         settings = req.settings(self.model.sampler_defaults)
         for ids in prompts:
             self.check_ids(ids, settings, param)
-        speed = self._speed(req)
+        speed = self._speed(req, spec)
         grammar = self._grammar(spec, settings)
         n = req.n or 1
         jobs = []
@@ -133,10 +133,12 @@ class Service:
                              param=param)
         return checker
 
-    @staticmethod
-    def _speed(req: S._Generation) -> dict:
-        """speed="fast" denoises only what still changes (the engine refuses it where it cannot apply)."""
-        return {"speed": req.speed} if req.speed is not None else {}
+    def _speed(self, req: S._Generation, spec) -> dict:
+        """speed="fast" denoises only what still changes (the engine refuses it where it cannot apply); a request
+        without one gets the server's (`--speed`), except structured output, which runs exact."""
+        if req.speed is not None:
+            return {"speed": req.speed}
+        return {"speed": self.speed} if spec is None else {}
 
     def structured(self, req: S._Generation):
         """The request's structured-output spec (response_format, tools, vLLM's guided_* / structured_outputs), or
@@ -290,11 +292,17 @@ async def next_event(request, events: asyncio.Queue, state: dict, every: float =
 # The app
 # ======================================================================================================================
 def create_app(model, *, model_name: str = "dgemma", max_batch: int = DEFAULT_MAX_BATCH, batching: str = "merged",
-               prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, worker: EngineWorker | None = None):
-    """The ASGI app. The worker thread starts with the app (lifespan) and stops with it."""
+               prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, speed: str = "exact",
+               worker: EngineWorker | None = None):
+    """The ASGI app. The worker thread starts with the app (lifespan) and stops with it. `speed` is the default for
+    requests that do not send one."""
+    if speed not in S.SPEEDS:
+        from ..errors import InputError
+
+        raise InputError(f"--speed must be one of {', '.join(S.SPEEDS)}, not {speed!r}")
     worker = worker if worker is not None else EngineWorker(model, max_batch=max_batch, batching=batching,
                                                             prompt_cache_mb=prompt_cache_mb)
-    svc = Service(model, worker, model_name)
+    svc = Service(model, worker, model_name, speed)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -47,7 +47,7 @@ class ServerThread:
 
     def __init__(self, model, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "dgemma",
                  max_batch: int = DEFAULT_MAX_BATCH, batching: str = "merged",
-                 prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, log_level: str = "warning"):
+                 prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, speed: str = "exact", log_level: str = "warning"):
         import uvicorn
 
         from .app import create_app
@@ -55,7 +55,7 @@ class ServerThread:
         if not is_loopback(host):
             raise InputError(f"ServerThread binds loopback addresses only, not {host!r}")
         self.app = create_app(model, model_name=model_name, max_batch=max_batch, batching=batching,
-                              prompt_cache_mb=prompt_cache_mb)
+                              prompt_cache_mb=prompt_cache_mb, speed=speed)
         self.worker = self.app.state.worker
         self.sock = bind(host, port)
         self.port = self.sock.getsockname()[1]
@@ -108,7 +108,7 @@ def _print_vllm_command(path, *, served_model_name, host: str, port: int, max_mo
 
 def cli_serve(*, model_path, backend: str, host: str, port: int, max_batch: int | None, served_model_name,
               dtype, device, print_vllm_command: bool, max_model_len: int | None, batching: str = "merged",
-              prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, log_level: str = "info") -> None:
+              prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, speed: str = "exact", log_level: str = "info") -> None:
     """What `dgemma serve` does (the click command in cli.py only forwards its options here). Bad flags, a port in
     use and a missing extra end in InputError (one `error:` line from the CLI)."""
     import sys
@@ -139,12 +139,13 @@ def cli_serve(*, model_path, backend: str, host: str, port: int, max_batch: int 
         model = load(path, backend=backend, dtype=dtype, device=device, progress=sys.stderr.isatty())
         name = served_model_name or served_name(path)
         batch = max_batch or DEFAULT_MAX_BATCH
-        app = create_app(model, model_name=name, max_batch=batch, batching=batching, prompt_cache_mb=prompt_cache_mb)
+        app = create_app(model, model_name=name, max_batch=batch, batching=batching, prompt_cache_mb=prompt_cache_mb,
+                         speed=speed)
     except BaseException:
         sock.close()
         raise
     cache = f"prompt cache {prompt_cache_mb:g} MB" if prompt_cache_mb else "no prompt cache"
     click.echo(f"dgemma serve: {name} on {model.backend.describe()}, max batch {batch} ({batching} batching, "
-               f"{cache}), http://{host}:{sock.getsockname()[1]}/v1", err=True)
+               f"{cache}, speed {speed}), http://{host}:{sock.getsockname()[1]}/v1", err=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
     server.run(sockets=[sock])

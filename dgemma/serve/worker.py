@@ -182,10 +182,10 @@ class EngineWorker:
         self._engine_stats: dict = self.engine.stats()
 
     def _new_engine(self):
-        from ..engine import Engine, PromptCache
+        from ..engine import PromptCache
 
         cache = PromptCache(int(self.prompt_cache_mb * 2**20)) if self.prompt_cache_mb else None
-        return Engine(self.model.backend, max_batch=self.max_batch, batching=self.batching, prompt_cache=cache)
+        return self.model.engine(max_batch=self.max_batch, batching=self.batching, prompt_cache=cache)
 
     # -- any thread ---------------------------------------------------------------------------------------------------
     def start(self) -> "EngineWorker":
