@@ -477,10 +477,11 @@ def vision_model_ckpt(vision_ckpt):
     return vision_ckpt
 
 
-@pytest.mark.parametrize("backend", ["cuda", "mlx"])
-def test_prefill_and_denoise_with_images_match_reference(vision_model_ckpt, backend):
+@pytest.mark.parametrize("backend, chunk", [("cuda", None), ("mlx", None), ("cuda", 50), ("mlx", 50)])
+def test_prefill_and_denoise_with_images_match_reference(vision_model_ckpt, backend, chunk):
     """A padded batch of three: two images, one image, text only. K/V of every layer after the prefill and after
-    a commit, and denoise logits (with and without self-conditioning), within 1e-4 of the reference."""
+    a commit, and denoise logits (with and without self-conditioning), within 1e-4 of the reference. With prefill
+    chunks of 50 tokens a chunk boundary falls inside an image (the chunk then runs on to the image's end)."""
     import torch
     from reference import Oracle
 
@@ -489,11 +490,18 @@ def test_prefill_and_denoise_with_images_match_reference(vision_model_ckpt, back
     if backend == "mlx":
         pytest.importorskip("mlx.core")
     model = dgemma.load(vision_model_ckpt, backend=backend, dtype="float32")
+    if chunk is not None:
+        model.backend.prefill_chunk = chunk
     prompts = [_image_messages(2, 0), _image_messages(1, 1, "and this one?"), [{"role": "user", "content": "hi"}]]
     encoded = [model._encode_images(p, None) for p in prompts]
     inputs = model._images().request_inputs(model.backend, encoded)
     ids, mask, embeds, blocks = _left_pad_inputs(encoded, inputs)
     assert ids.shape[1] > 2 * 8 and (blocks > 0).sum() > 70  # images longer than the sliding window (8)
+    if chunk is not None:
+        starts = [a for a, _ in model.backend.prefill_chunks(ids.shape[1], blocks)]
+        assert len(starts) > 1 and all(not ((blocks[:, a] > 0) & (blocks[:, a] == blocks[:, a - 1])).any()
+                                       for a in starts[1:])  # no chunk starts inside an image
+        assert any(b - a > chunk for a, b in model.backend.prefill_chunks(ids.shape[1], blocks))
     state = model.backend.prefill(ids.numpy(), mask.numpy(), input_embeds=embeds, image_blocks=blocks)
     oracle = Oracle(vision_model_ckpt)
     settings = model._images().settings
