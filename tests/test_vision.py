@@ -452,7 +452,8 @@ def _reference_prefill(oracle, ids, mask, images, settings):
     kw = {}
     if images:
         pixels, positions = zip(*(im.padded(settings.max_patches) for im in images))
-        kw = dict(pixel_values=torch.from_numpy(np.stack(pixels)), image_position_ids=torch.from_numpy(np.stack(positions)))
+        kw = dict(pixel_values=torch.from_numpy(np.stack(pixels)),
+                  image_position_ids=torch.from_numpy(np.stack(positions)))
     with torch.no_grad():
         model.model.encoder(input_ids=ids, attention_mask=mapping, past_key_values=oracle.cache, position_ids=pos,
                             mm_token_type_ids=mm, **kw)
