@@ -55,8 +55,11 @@ SCHEMAS = [
     {"type": "object", "properties": {"x": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
                                                       {"type": "string", "maxLength": 3}]}},
      "required": ["x"], "additionalProperties": False},
-    {"type": "object", "properties": {"when": {"type": "string", "format": "date"}}, "required": ["when"],
-     "additionalProperties": False},
+    # A date by pattern, not `"format": "date"`: llguidance writes RFC 3339 full-dates, year 0000 included, which
+    # jsonschema's format checker (Python's datetime, years 1-9999) rejects; see test_formats_compile.
+    {"type": "object", "properties": {"when": {"type": "string",
+                                               "pattern": "^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"}},
+     "required": ["when"], "additionalProperties": False},
     {"$defs": {"leaf": {"type": "object", "properties": {"v": {"type": "integer", "minimum": 0, "maximum": 3}},
                         "required": ["v"], "additionalProperties": False}},
      "type": "object", "properties": {"left": {"$ref": "#/$defs/leaf"}, "right": {"$ref": "#/$defs/leaf"}},
@@ -624,3 +627,14 @@ def test_the_shipped_text_model(backend):
             if why or out.stats.finish_reason != "eos":
                 failures.append(f"{spec.kind} seed {seed}: {out.text!r} ({out.stats.finish_reason}): {why}")
     assert not failures, "\n".join(failures)
+
+
+def test_formats_compile():
+    """String formats are enforced by llguidance's own patterns (RFC 3339 dates and times, emails, uuids...)."""
+    tok, vocab_size, eos = byte_tokenizer()
+    for fmt, good, bad in (("date", "2024-02-29", "2024-13-01"), ("uuid", "123e4567-e89b-12d3-a456-426614174000",
+                                                                  "123e4567")):
+        row = compile(StructuredSpec.json_schema({"type": "string", "format": fmt}), tok, vocab_size, eos).new_row()
+        for text, valid in ((good, True), (bad, False)):
+            ids = np.array(tok.encode(json.dumps(text), add_special_tokens=False).ids + eos)
+            assert (row.scan(ids, np.ones(len(ids), dtype=bool))[0] == len(ids)) is valid, (fmt, text)
