@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dgemma.tasks.sudoku.minimal import (MAX_GIVENS, generate_hard, generate_hard_dataset, givens_histogram,
-                                         is_minimal, removable_givens)
+                                         is_minimal, removable_givens, solved_by_singles)
 from dgemma.tasks.sudoku.puzzles import count_solutions, is_valid_solution, solve
 from dgemma.tasks.sudoku.task import HELD_OUT_SEED, held_out_puzzles, parse_difficulties
 
@@ -73,6 +73,24 @@ def test_minimality_check_catches_extra_givens_and_non_unique(dataset):
     assert count_solutions(fewer) == 2 and not is_minimal(fewer)
     with pytest.raises(ValueError, match="exactly one solution"):
         removable_givens(fewer)
+
+
+def test_a_17_given_puzzle_is_minimal_and_needs_a_guess():
+    # Norvig's "hard1": unique with 17 givens, so minimal (no unique puzzle has 16), and singles alone stall on it.
+    hard1 = "4.....8.5.3..........7......2.....6.....8.4......1.......6.3.7.5..2.....1.4......"
+    assert is_minimal(hard1) and minimal_by_brute_force(hard1)
+    assert not solved_by_singles(hard1)
+    solution = solve(hard1)
+    assert solved_by_singles(solution[:40] + "." + solution[41:])
+    assert not solved_by_singles("11" + "." * 79)  # clashing givens
+
+
+def test_needs_guess_keeps_puzzles_singles_cannot_solve():
+    hardest = generate_hard_dataset(4, seed=9, needs_guess=True)
+    assert all(not solved_by_singles(p) and is_minimal(p) and givens(p) < 27 for p, _ in hardest)
+    assert generate_hard_dataset(4, seed=9) != hardest  # the same streams without the filter keep easier ones
+    with pytest.raises(RuntimeError, match="needing a guess"):
+        generate_hard(0, target=17, needs_guess=True, max_grids=1)
 
 
 def test_bad_arguments():

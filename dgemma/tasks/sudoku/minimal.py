@@ -28,11 +28,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .puzzles import (_BITS, _CHAR_OF_BIT, _FULL, _UNITS, MIN_GIVENS, RngLike, _as_random, _random_full_grid,
-                      _search, count_solutions, parse)
+from .puzzles import (_BITS, _CHAR_OF_BIT, _FULL, _POPCOUNT, _UNIT_CELLS, _UNITS, MIN_GIVENS, RngLike, _as_random,
+                      _random_full_grid, _search, _State, count_solutions, parse, solve)
 
 __all__ = ["MAX_GIVENS", "generate_hard", "generate_hard_dataset", "givens_histogram", "is_minimal",
-           "removable_givens"]
+           "removable_givens", "solved_by_singles"]
 
 # "Hard" in the sense of the issue: fewer than 27 givens.
 MAX_GIVENS = 26
@@ -103,12 +103,13 @@ def _check_givens(name: str, value: int) -> int:
 
 
 def generate_hard(rng: RngLike = None, *, target: int | None = None, max_givens: int = MAX_GIVENS,
-                  minimal: bool = False, max_grids: int = 1000) -> tuple[str, str]:
+                  minimal: bool = False, needs_guess: bool = False, max_grids: int = 1000) -> tuple[str, str]:
     """A (puzzle, solution) pair: a unique-solution puzzle with at most `max_givens` givens, carved from a random grid.
 
     target=None: carved until no given can be removed, so the puzzle is minimal (usually 22-26 givens).
     target=G: carving stops once exactly G givens are left (near-minimal); with `minimal=True` only a puzzle that is
-    minimal at G is kept (the carve could remove nothing more), which costs more grids.
+    minimal at G is kept (the carve could remove nothing more), which costs more grids. `needs_guess=True` keeps
+    only puzzles that singles alone cannot solve (`solved_by_singles`; about half of the minimal ones).
     Deterministic for an int seed (or an identically seeded random.Random / numpy Generator). RuntimeError after
     `max_grids` grids without such a puzzle (a target or max_givens under ~21 is rarely reached)."""
     max_givens = _check_givens("max_givens", max_givens)
@@ -127,17 +128,18 @@ def generate_hard(rng: RngLike = None, *, target: int | None = None, max_givens:
             continue
         if minimal and not visited_all and removable_givens(puzzle, full.board()):
             continue
+        if needs_guess and solved_by_singles(puzzle):
+            continue
         return puzzle, full.board()
     what = f"exactly {target}" if target is not None else f"at most {max_givens}"
-    raise RuntimeError(f"no unique puzzle with {what} givens{' (minimal)' if minimal else ''} from {max_grids} "
+    kind = " (minimal)" * minimal + " (needing a guess)" * needs_guess
+    raise RuntimeError(f"no unique puzzle with {what} givens{kind} from {max_grids} "
                        "random grids; ask for more givens or a larger max_grids")
 
 
 def removable_givens(puzzle: str, solution: str | None = None) -> list[int]:
     """The givens (cell indices) of a unique-solution puzzle that could be blanked with the solution staying unique;
     empty iff the puzzle is minimal. ValueError when the puzzle does not have exactly one solution."""
-    from .puzzles import _State, solve
-
     board = parse(puzzle)
     if count_solutions(board) != 1:
         raise ValueError("removable_givens needs a puzzle with exactly one solution")
@@ -162,25 +164,25 @@ def is_minimal(puzzle: str) -> bool:
         return False
 
 
-def _hard_item(job: tuple[int, int, int, int, bool]) -> tuple[str, str]:
+def _hard_item(job: tuple[int, int, int, int, bool, bool]) -> tuple[str, str]:
     """Puzzle `index` of a hard dataset, a function of (seed, index, targets) alone, so the dataset does not depend on
     the number of workers. Top-level so worker processes can unpickle it."""
-    seed, index, lo, hi, minimal = job
+    seed, index, lo, hi, minimal, needs_guess = job
     state = np.random.SeedSequence(entropy=[seed, _STREAM], spawn_key=(index,)).generate_state(4, np.uint64)
     rand = random.Random(int.from_bytes(state.tobytes(), "little"))
     if lo == 0:  # no target: minimal puzzles with at most `hi` givens
-        return generate_hard(rand, max_givens=hi)
-    return generate_hard(rand, target=rand.randint(lo, hi), max_givens=hi, minimal=minimal)
+        return generate_hard(rand, max_givens=hi, needs_guess=needs_guess)
+    return generate_hard(rand, target=rand.randint(lo, hi), max_givens=hi, minimal=minimal, needs_guess=needs_guess)
 
 
 def generate_hard_dataset(n: int, seed: int = 0, *, targets: tuple[int, int] | None = None,
-                          max_givens: int = MAX_GIVENS, minimal: bool = False,
+                          max_givens: int = MAX_GIVENS, minimal: bool = False, needs_guess: bool = False,
                           workers: int | None = 1) -> list[tuple[str, str]]:
     """`n` hard (puzzle, solution) pairs, deterministic for a seed whatever `workers` is (None: one per CPU).
 
     targets=None: minimal puzzles with at most `max_givens` givens (the "minimal" difficulty). targets=(lo, hi):
     each puzzle carved to a target drawn uniformly from lo..hi (inclusive, within 17..max_givens), near-minimal, or
-    minimal at that count with `minimal=True`."""
+    minimal at that count with `minimal=True`. `needs_guess`: only puzzles that singles alone cannot solve."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
@@ -196,12 +198,50 @@ def generate_hard_dataset(n: int, seed: int = 0, *, targets: tuple[int, int] | N
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    jobs = [(int(seed), i, lo, hi, bool(minimal)) for i in range(n)]
+    jobs = [(int(seed), i, lo, hi, bool(minimal), bool(needs_guess)) for i in range(n)]
     if workers == 1 or n < 2:
         return [_hard_item(job) for job in jobs]
     chunksize = max(1, min(64, n // (workers * 8)))
     with multiprocessing.Pool(min(workers, n)) as pool:
         return pool.map(_hard_item, jobs, chunksize=chunksize)
+
+
+def solved_by_singles(puzzle: str) -> bool:
+    """True iff naked singles (a cell with one candidate) and hidden singles (a digit with one place in a row, column
+    or box) alone fill the whole board: no guess needed. A rough rating: a puzzle that needs a guess is hard for
+    people, whatever its number of givens (most random minimal puzzles do not need one)."""
+    state = _State.from_board(parse(puzzle))
+    if state is None:
+        return False
+    grid, rows, cols, boxes = state.grid, state.rows, state.cols, state.boxes
+    while True:
+        empty = [i for i in range(81) if not grid[i]]
+        if not empty:
+            return True
+        cands = [0] * 81
+        for i in empty:
+            r, c, b = _UNITS[i]
+            cands[i] = _FULL ^ (rows[r] | cols[c] | boxes[b])
+        if not all(cands[i] for i in empty):
+            return False
+        place = next(((i, cands[i]) for i in empty if _POPCOUNT[cands[i]] == 1), None)
+        for cells in _UNIT_CELLS if place is None else ():
+            once = twice = 0  # digits with at least one, at least two places in this unit
+            for i in cells:
+                twice |= once & cands[i]
+                once |= cands[i]
+            if once & ~twice:
+                bit = (once & ~twice) & -(once & ~twice)
+                place = (next(i for i in cells if cands[i] & bit), bit)
+                break
+        if place is None:
+            return False
+        i, bit = place
+        r, c, b = _UNITS[i]
+        rows[r] |= bit
+        cols[c] |= bit
+        boxes[b] |= bit
+        grid[i] = bit
 
 
 def givens_histogram(puzzles: Sequence[str]) -> dict[int, int]:
