@@ -716,3 +716,35 @@ def test_quantized_conversions_take_images(vision_model_ckpt, tmp_path, backend,
     assert rel(fields["input_embeds"][image], fields_src["input_embeds"][image]) < 1e-6
     res = quantized.generate(messages, seed=0, max_new_tokens=16, max_denoising_steps=3)
     assert res.stats.prompt_tokens == len(ids) and len(res.raw_token_ids) == 16
+
+
+@pytest.mark.parametrize("backend", ["cuda", "mlx"])
+def test_bf16_tower_is_as_close_as_the_reference_bf16(vision_ckpt_gqa, backend):
+    """In bfloat16 (the released checkpoint's dtype) the tower's output is as close to the exact float32 result as
+    the reference's own bfloat16 run is."""
+    import torch
+    from reference import load_reference
+
+    settings = ImageSettings(max_soft_tokens=70)
+    images = _images(settings)
+    pixels, positions = (torch.from_numpy(np.stack(x)) for x in zip(*(im.padded(settings.max_patches) for im in images)))
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_reference(vision_ckpt_gqa, dtype=dtype)
+        with torch.no_grad():
+            out[dtype] = model.model.encoder.get_image_features(pixels, positions).pooler_output.float().numpy()
+    exact, ref_error = out[torch.float32], rel(out[torch.bfloat16], out[torch.float32])
+    ck = Checkpoint(vision_ckpt_gqa)
+    vision = VisionConfig.from_dict(ck.raw_config)
+    if backend == "cuda":
+        from dgemma.backends.cuda.vision import load_vision_tower
+
+        with torch.no_grad():
+            ours = load_vision_tower(ck, vision, torch.device("cpu"), torch.bfloat16)(images).float().numpy()
+    else:
+        mx = pytest.importorskip("mlx.core")
+        from dgemma.backends.mlx.vision import load_vision_tower
+
+        ours = np.array(load_vision_tower(ck, vision, mx.bfloat16)(images).astype(mx.float32))
+    assert 0 < ref_error < 0.1
+    assert rel(ours, exact) <= 1.25 * ref_error + 1e-3
