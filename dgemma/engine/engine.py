@@ -407,7 +407,14 @@ class Engine:
         sub_canvas = ops.take_along(canvas, idx)
         sub_soft = None if soft is None else ops.take_along(soft, idx)
         hidden = self.backend.denoise_hidden(self.cache, sub_canvas, sub_soft, rows=span, positions=idx)
-        out = self._sample(rows, hidden, sub_canvas, ops.take_along(uniforms, idx), ops.take_along(fresh, idx))
+        spent = np.zeros(len(rows))
+        for j, r in enumerate(rows):  # the entropy of the frozen positions this pass does not forward
+            if r.live and r.fast is not None:
+                left_out = r.frozen.copy()
+                left_out[idx[j]] = False
+                spent[j] = r.pos_entropy[left_out].sum()
+        out = self._sample(rows, hidden, sub_canvas, ops.take_along(uniforms, idx), ops.take_along(fresh, idx),
+                           spent)
         use = ops.from_numpy(used)
         argmax = ops.stack_rows([r.argmax for r in rows])
         if soft is None:
@@ -467,15 +474,17 @@ class Engine:
                                 else ops.from_numpy(zi) for r in rows])
         return uniforms, fresh
 
-    def _schedule(self, rows: list[Row]):
+    def _schedule(self, rows: list[Row], spent=None):
         """Per-row temperature and entropy bound: plain floats when the rows agree (the reference's scalar
-        arithmetic), else [k, 1, 1] and [k, 1] arrays."""
+        arithmetic), else [k, 1, 1] and [k, 1] arrays. `spent` (fast mode) is the entropy the frozen positions
+        already take of each row's bound: they are the canvas's surest positions, so in the full computation they
+        come first in the acceptance order."""
         ts, bounds = [], []
-        for r in rows:
+        for j, r in enumerate(rows):
             s = r.job.settings
             N = s.max_denoising_steps
             ts.append(temperature(max(N - r.step, 1), N, s.t_min, s.t_max))
-            bounds.append(s.entropy_bound)
+            bounds.append(s.entropy_bound if spent is None else max(s.entropy_bound - spent[j], 0.0))
         if len(set(ts)) == 1 and len(set(bounds)) == 1:
             return ts[0], bounds[0]
         ops = self.ops
@@ -487,7 +496,7 @@ class Engine:
         size = max(1, self.vocab_tile_bytes // per_row)
         return [slice(a, min(a + size, n)) for a in range(0, n, size)]
 
-    def _sample(self, rows, hidden, canvas, uniforms, fresh) -> dict:
+    def _sample(self, rows, hidden, canvas, uniforms, fresh, spent=None) -> dict:
         """LM head, logit masks, sampler step and next self-conditioning, one tile of rows at a time."""
         ops = self.ops
         parts: dict[str, list] = {k: [] for k in ("canvas", "argmax", "soft", "entropy", "accepted", "pos_entropy")}
@@ -496,7 +505,7 @@ class Engine:
             tile_rows = rows[tile]
             logits = self.backend.lm_logits(hidden[tile] if tile != slice(0, len(rows)) else hidden)
             logits = self._mask_logits(logits, tile_rows)
-            t, bound = self._schedule(tile_rows)
+            t, bound = self._schedule(tile_rows, None if spent is None else spent[tile])
             one = tile == slice(0, len(rows))
             pick = (lambda x: x) if one else (lambda x: x[tile])
             step = ops.compiled_step
