@@ -727,7 +727,8 @@ def test_bf16_tower_is_as_close_as_the_reference_bf16(vision_ckpt_gqa, backend):
 
     settings = ImageSettings(max_soft_tokens=70)
     images = _images(settings)
-    pixels, positions = (torch.from_numpy(np.stack(x)) for x in zip(*(im.padded(settings.max_patches) for im in images)))
+    padded = [im.padded(settings.max_patches) for im in images]
+    pixels, positions = (torch.from_numpy(np.stack(x)) for x in zip(*padded))
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = load_reference(vision_ckpt_gqa, dtype=dtype)
