@@ -304,6 +304,7 @@ def _sudoku_call(srv, job, barrier):
         return out
 
 
+@pytest.mark.slow  # 13 solo references and 32 clients: several seconds
 def test_32_mixed_clients_nothing_lost_and_exact(sudoku_model, sudoku_server):
     """32 clients at once on the Sudoku model: plain, streaming, checker + parallel attempts, draft streams and
     clients that hang up mid-stream. Every finished answer equals the request run alone through `Model.generate`
@@ -418,6 +419,41 @@ def test_response_format_json_schema(model, exact_server):
     jsonschema.validate(json.loads(text), shape)
     assert r.choices[0].finish_reason == "stop"
     assert text == reference(model, msgs, 1, 64, steps=4, response_format=fmt).text
+
+
+# -- images ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow  # builds a random vision checkpoint through transformers
+def test_image_parts_as_data_urls(tmp_path_factory):
+    """A chat message with an OpenAI image_url part (a data: URL) reaches the vision tower: the answer equals the
+    library's solo run on the same messages; a URL the server would have to fetch is refused."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("PIL")
+    import base64
+
+    from PIL import Image
+    from test_vision import _write_processor_config, make_vision_checkpoint
+
+    path = make_vision_checkpoint(tmp_path_factory.mktemp("srv-vision") / "vision")
+    _write_processor_config(path)
+    vision = dgemma.load(path, backend="cuda", dtype="float32")
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "what is this?"}]}]
+    kw = dict(max_tokens=32, seed=5, extra_body={"max_denoising_steps": 4})
+    with ServerThread(vision, model_name=NAME, batching="exact") as srv:
+        c = client(srv)
+        r = c.chat.completions.create(model=NAME, messages=msgs, **kw)
+        ref = vision.generate(msgs, seed=5, max_new_tokens=32, max_denoising_steps=4)
+        assert r.choices[0].message.content == ref.text
+        assert r.usage.prompt_tokens == ref.stats.prompt_tokens > 20  # the image's soft tokens are in the prompt
+        for source in ("https://example.com/cat.png", "/etc/passwd"):
+            bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": source}}]}]
+            with pytest.raises(openai.BadRequestError) as e:
+                c.chat.completions.create(model=NAME, messages=bad, **kw)
+            assert e.value.param == "messages" and "data: URL" in e.value.message
 
 
 # -- prompt caching --------------------------------------------------------------------------------------------------

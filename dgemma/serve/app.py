@@ -56,9 +56,13 @@ class Service:
             raise S.ApiError(404, f"The model '{req.model}' does not exist; this server serves '{self.name}'",
                              param="model", code="model_not_found")
 
-    def chat_prompt(self, req: S.ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, req: S.ChatCompletionRequest) -> list[int] | ImagePrompt:
+        """The prompt's token ids; for messages with images an ImagePrompt that the worker thread encodes (the
+        vision tower runs where the model runs)."""
         messages = [m.plain(i) for i, m in enumerate(req.messages)]
         self.check_task_prompt(messages, "messages")
+        if any(m.image_parts() for m in req.messages):
+            return ImagePrompt(self.model, _checked_image_urls(req, messages))
         if self.model.tokenizer is None:
             raise S.ApiError(400, "this model has no tokenizer: use /v1/completions with token ids")
         extra = {"tools": req.tools} if req.tools else {}  # the chat template renders the declared tools
@@ -99,7 +103,8 @@ class Service:
         req.check_supported()
         settings = req.settings(self.model.sampler_defaults)
         for ids in prompts:
-            self.check_ids(ids, settings, param)
+            if not isinstance(ids, ImagePrompt):  # an image prompt's length is known once encoded (the engine checks)
+                self.check_ids(ids, settings, param)
         speed = self._speed(req, spec)
         grammar = self._grammar(spec, settings)
         n = req.n or 1
@@ -110,9 +115,10 @@ class Service:
                 idx = p * n + c
                 seed = (req.seed + idx) % _SEED_MOD if req.seed is not None else secrets.randbits(63)
                 extra = {**speed, "constraint": grammar.new_row()} if grammar is not None else speed
-                request = self._engine_request(ids, settings, seed, req, checker, extra)
+                images = ids if isinstance(ids, ImagePrompt) else None
+                request = self._engine_request([] if images else ids, settings, seed, req, checker, extra)
                 jobs.append(Job(request, TextStream(self.model.tokenizer, settings, req.stops()), deliver_for(idx),
-                                drafts=bool(req.dgemma_drafts)))
+                                drafts=bool(req.dgemma_drafts), prepare=images))
         return jobs
 
     @staticmethod
@@ -123,9 +129,11 @@ class Service:
                        checker=checker, max_retries=req.max_retries or 0, stop_when_valid=bool(req.stop_when_valid),
                        drafts=bool(req.dgemma_drafts), **extra)
 
-    def _checker(self, req: S._Generation, ids: list[int]):
+    def _checker(self, req: S._Generation, ids):
         if not req.wants_checker:
             return None
+        if isinstance(ids, ImagePrompt):
+            raise S.ApiError(400, "attempts, max_retries and stop_when_valid take text prompts", param="messages")
         checker = task_checker(self.model, ids)
         if checker is None:
             param = next(p for p in ("attempts", "max_retries", "stop_when_valid") if getattr(req, p))
@@ -169,6 +177,38 @@ class Service:
 
 STRUCTURED_FIELDS = ("response_format", "tools", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
                      "structured_outputs")
+
+
+class ImagePrompt:
+    """Chat messages with image parts, encoded on the worker thread just before the engine takes the request:
+    `prepare(request)` sets its prompt ids (image tokens laid out) and image embeddings."""
+
+    def __init__(self, model, messages: list[dict]):
+        self.model, self.messages = model, messages
+
+    def __call__(self, request) -> None:
+        ids, fields = self.model.encode_with_images(self.messages, chat=True)
+        request.prompt_ids = ids
+        for name, value in fields.items():
+            setattr(request, name, value)
+        request.cacheable = False  # the prompt cache keys on token ids, which do not tell two images apart
+
+
+def _checked_image_urls(req: S.ChatCompletionRequest, messages: list[dict]) -> list[dict]:
+    """Images come inside the request as data: URLs; the server fetches nothing and reads no file a client names."""
+    for i, m in enumerate(req.messages):
+        for j, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type not in S.IMAGE_PARTS:
+                continue
+            extra = part.model_extra or {}
+            source = extra.get("image_url") if part.type == "image_url" else next(
+                (extra.get(k) for k in ("image", "url", "path") if extra.get(k) is not None), None)
+            url = source.get("url") if isinstance(source, dict) else source
+            if not isinstance(url, str) or not url.startswith("data:image/"):
+                raise S.ApiError(400, f"messages[{i}].content[{j}]: an image must be a data: URL "
+                                      "(data:image/<type>;base64,...); the server fetches no URL and reads no file",
+                                 param="messages")
+    return messages
 
 
 def _task(model):

@@ -57,6 +57,9 @@ class StreamOptions(_Body):
     include_usage: Optional[bool] = _field("a boolean")
 
 
+IMAGE_PARTS = ("image_url", "image")
+
+
 class ContentPart(_Body):
     type: str = Field(description="a content part type")
     text: Optional[str] = _field("a string")
@@ -67,16 +70,25 @@ class ChatMessage(_Body):
     content: Union[str, list[ContentPart], None] = _field("a string or a list of text parts")
 
     def plain(self, index: int) -> dict:
-        """The message for the chat template: text parts joined (other parts, such as images, are refused); other
-        fields (name, tool_calls, tool_call_id) passed on as sent."""
+        """The message for the chat template: text parts joined into one string; other fields (name, tool_calls,
+        tool_call_id) passed on as sent. A message with image parts keeps its parts (`image_parts`)."""
         content = self.content
         if content is None:
             content = ""
         elif isinstance(content, list):
-            if any(p.type != "text" or p.text is None for p in content):
-                raise ApiError(400, f"messages[{index}].content: only text parts are supported", param="messages")
-            content = "\n".join(p.text for p in content)
+            for j, p in enumerate(content):
+                if p.type not in ("text", *IMAGE_PARTS) or (p.type == "text" and p.text is None):
+                    raise ApiError(400, f"messages[{index}].content[{j}]: a part is text or an image "
+                                        f"(type {', '.join(repr(t) for t in ('text', *IMAGE_PARTS))})",
+                                   param="messages")
+            if self.image_parts():
+                content = [p.model_dump(exclude_none=True) for p in content]
+            else:
+                content = "\n".join(p.text for p in content)
         return {**(self.model_extra or {}), "role": self.role, "content": content}
+
+    def image_parts(self) -> list[ContentPart]:
+        return [p for p in self.content if p.type in IMAGE_PARTS] if isinstance(self.content, list) else []
 
 
 class _Generation(_Body):

@@ -138,6 +138,7 @@ class Job:
     stream: TextStream
     deliver: Callable[[tuple], None]           # thread-safe: puts an event on the HTTP handler's queue
     drafts: bool = False
+    prepare: Callable[[Any], None] | None = None  # fills in the request on the worker thread (image prompts)
     handle: Any = None
     cancelled: bool = False
     finished: bool = False
@@ -272,6 +273,8 @@ class EngineWorker:
             if job.cancelled:
                 continue
             try:
+                if job.prepare is not None:
+                    job.prepare(job.request)
                 job.handle = self.engine.submit(job.request)
             except Exception as e:
                 self.counters["failed"] += 1
