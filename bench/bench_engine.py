@@ -1,10 +1,11 @@
 """What the one batch engine (dgemma.engine) keeps and what it costs, against the tree before it (issue 17).
 
     git worktree add /tmp/before a2d3f40          # the code before the engine
-    python bench/bench_engine.py --before /tmp/before --threads 1
+    python bench/bench_engine.py --before /tmp/before --threads 1     # now: this checkout (or --now DIR)
 
 Three measurements on small random checkpoints (PyTorch CPU), every configuration in a fresh child process that
-imports dgemma from the tree it measures (checked: the child prints where dgemma and its PyTorch backend came from):
+imports dgemma from the tree it measures alone (the editable install's import hook is dropped; a child that loaded a
+dgemma module from elsewhere reports an error instead of a number):
 
 1. step: wall and CPU time of one denoising pass (decoder pass, LM head, sampler step, self-conditioning) at canvas
    256, batch 1, against the prompt length, now and before. Passes are timed between the loop's own per-pass
@@ -430,6 +431,16 @@ def describe_tree(tree: Path) -> str:
 
 
 # == main ============================================================================================================
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every number must be at least 1")
+    return values
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -439,9 +450,10 @@ def parse_args(argv=None):
                    help="the checkout measured as now (default: the one this script is in)")
     p.add_argument("--threads", type=int, default=1, help="PyTorch threads per child process (default 1)")
     p.add_argument("--parts", default="step,memory,cache", help="which measurements, comma-separated")
-    p.add_argument("--lengths", default="128,2048,8192,32768", help="prompt lengths of the step measurement")
+    p.add_argument("--lengths", type=int_list, default="128,2048,8192,32768",
+                   help="prompt lengths of the step measurement")
     p.add_argument("--passes", type=int, default=8, help="denoising passes per step run (the first is not timed)")
-    p.add_argument("--batches", default="1,4", help="batch sizes of the memory measurement")
+    p.add_argument("--batches", type=int_list, default="1,4", help="batch sizes of the memory measurement")
     p.add_argument("--memory-passes", type=int, default=3, help="denoising passes per memory run")
     p.add_argument("--vocab", type=int, default=REAL_VOCAB, help="vocabulary of the memory measurement")
     p.add_argument("--prefix", type=int, default=2048, help="shared prefix tokens of the prompt-cache measurement")
@@ -486,7 +498,7 @@ def main(argv=None) -> None:
         report = [f"machine: {os.cpu_count()} CPU cores (shared), PyTorch CPU, {args.threads} thread(s) per child"]
         report += [f"{name}: {tree} at {describe_tree(tree)}" for name, tree in trees.items()]
         if "step" in parts:
-            lengths = [int(x) for x in args.lengths.split(",")]
+            lengths = args.lengths
             ckpt = write_checkpoint(tmp / "small", SMALL_TEXT["vocab_size"], max(lengths) + 2 * CANVAS)
             results = {}
             for n in lengths:
@@ -501,7 +513,7 @@ def main(argv=None) -> None:
             report += ["", f"step time, canvas {CANVAS}, batch 1 ({args.passes - 1} timed passes, medians):",
                        *step_table(results, lengths, list(trees))]
         if "memory" in parts:
-            batches = [int(x) for x in args.batches.split(",")]
+            batches = args.batches
             ckpt = write_checkpoint(tmp / "vocab", args.vocab, 4 * CANVAS)
             results = {(name, b): child(name, {"kind": "memory", "ckpt": str(ckpt), "batch": b, "length": 16,
                                                "passes": args.memory_passes})
