@@ -312,32 +312,13 @@ optional_text_tensor = is_optional
 
 
 def vision_shapes(raw: dict) -> dict[str, tuple[int, ...]]:
-    """The gemma4_vision tower as transformers' save_pretrained names it (an estimate for dry runs: the converter copies
-    whatever vision tensors the checkpoint holds, unquantized)."""
-    v = raw.get("vision_config")
-    if not isinstance(v, dict) or not v.get("hidden_size"):
-        return {}
-    h, inter = int(v["hidden_size"]), int(v.get("intermediate_size") or 4 * int(v["hidden_size"]))
-    nh = int(v.get("num_attention_heads") or 1)
-    hd = int(v.get("head_dim") or h // nh)
-    nkv = int(v.get("num_key_value_heads") or nh)
-    patch = int(v.get("patch_size") or 16)
-    pos = int(v.get("position_embedding_size") or 10240)
-    th = int((raw.get("text_config") or {}).get("hidden_size") or h)
-    p = "model.encoder.vision_tower."
-    out = {p + "patch_embedder.input_proj.weight": (h, 3 * patch * patch),
-           p + "patch_embedder.position_embedding_table": (2, pos, h),
-           "model.encoder.embed_vision.embedding_projection.weight": (th, h)}
-    for i in range(int(v.get("num_hidden_layers") or 0)):
-        q = f"{p}encoder.layers.{i}."
-        out.update({q + "self_attn.q_proj.linear.weight": (nh * hd, h), q + "self_attn.k_proj.linear.weight": (nkv * hd, h),
-                    q + "self_attn.v_proj.linear.weight": (nkv * hd, h), q + "self_attn.o_proj.linear.weight": (h, nh * hd),
-                    q + "self_attn.q_norm.weight": (hd,), q + "self_attn.k_norm.weight": (hd,),
-                    q + "mlp.gate_proj.linear.weight": (inter, h), q + "mlp.up_proj.linear.weight": (inter, h),
-                    q + "mlp.down_proj.linear.weight": (h, inter)})
-        for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"):
-            out[q + n + ".weight"] = (h,)
-    return out
+    """The gemma4_vision tower's tensors as the checkpoint names them, from config.json alone (dry runs; the converter
+    copies the vision tensors the checkpoint holds, unquantized). One definition with the vision loaders'."""
+    from dgemma.config import VisionConfig
+    from dgemma.vision import vision_tensor_shapes
+
+    vision = VisionConfig.from_dict(raw)
+    return {} if vision is None else vision_tensor_shapes(vision)
 
 
 def logical_from_config(cfg, dtype: str) -> list[LogicalInfo]:

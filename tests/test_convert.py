@@ -244,7 +244,8 @@ def real_config() -> dict:
         },
         # ~0.5B parameters of vision tower (gemma4_vision geometry)
         "vision_config": {"model_type": "gemma4_vision", "hidden_size": 1152, "intermediate_size": 4304,
-                          "num_hidden_layers": 24, "num_attention_heads": 16, "head_dim": 72, "patch_size": 16,
+                          "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16,
+                          "head_dim": 72, "patch_size": 16,
                           "position_embedding_size": 10240},
     }
 
