@@ -284,7 +284,7 @@ class Engine:
         rows = cache.add_rows(1)
         if cached is not None:
             cache.copy_rows_from(cached, slice(0, 1), rows)
-        job.cached_tokens = length
+        job.cached_tokens = job.handle.cached_tokens = length
         self.counters["cached_tokens"] += length
         for a, b in self.backend.prefill_chunks(len(prompt)):
             if b <= length:

@@ -131,6 +131,7 @@ class Handle:
         self.result: RequestResult | None = None
         self.error: Exception | None = None
         self.cancelled = False
+        self.cached_tokens = 0          # prompt tokens reused from the prompt cache, known once admitted
 
     @property
     def done(self) -> bool:

@@ -316,8 +316,7 @@ class EngineWorker:
 
     def _on_canvas(self, job: Job, ev) -> None:
         if job.canvases == 0:  # the prompt cache's reuse is known once the request has been admitted
-            inside = self.engine.jobs.get(job.handle.id)
-            job.cached_tokens = getattr(inside, "cached_tokens", 0)
+            job.cached_tokens = job.handle.cached_tokens
         job.canvases += 1
         job.steps.append(int(ev.steps))
         job.passes += int(ev.steps)
