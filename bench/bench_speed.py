@@ -11,8 +11,9 @@ Sections:
             model): transformers (PyTorch CPU), dgemma exact and fast (PyTorch), mlx-vlm 0.7.10's stock
             generator, dgemma exact and fast (MLX); the same prompts, the checkpoint's own sampler settings; time per
             canvas, canvas tokens per second (canvas length / time per canvas, as DESIGN.md section 5 counts them),
-            decoder passes per canvas, and for dgemma the forwarded positions per pass. Ratios are against the peer
-            of the same backend measured in the same run.
+            decoder passes per canvas, ms per pass (the whole wall, prefill and commit included, over the passes),
+            and for dgemma the forwarded positions per pass. Ratios are against the peer of the same backend measured
+            in the same run.
   overhead  a tiny random model (hidden 64, 2 layers, vocab 384) at canvas 256 and 32, a fixed number of passes per
             canvas (the stopping rule cannot fire on random weights: confidence threshold 1e-9): ms per decoder pass
             for every runner above. Random weights freeze nothing in fast mode, so its row is exact's work plus its
