@@ -16,6 +16,7 @@ from .checkpoint import Checkpoint
 from .config import ModelConfig, SamplerSettings
 from .errors import InputError
 from .engine import CanvasEvent, Engine, FailedEvent, Request, RequestResult, attempt_seed
+from .tasks import check_prompt as check_task_prompt
 from .vision import ImagePrompt, ModelImages, has_images
 
 Prompt = str | Sequence[int] | Sequence[dict]
@@ -107,6 +108,7 @@ class Model:
 
     # -- prompts ----------------------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
+        check_task_prompt(self.checkpoint, prompt)  # a task model refuses what is not its task (text to Sudoku)
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise InputError("the prompt is empty")

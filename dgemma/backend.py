@@ -110,8 +110,10 @@ class Backend(ABC):
         features); `image_blocks` [B, T] (0 text, b > 0 image b) make each image's tokens attend both ways."""
 
     @abstractmethod
-    def extend(self, cache, token_ids, rows: slice | None = None, attention_mask=None) -> None:
-        """Append tokens [k, T] to rows `rows` through the encoder (a prompt's remainder after a cached prefix)."""
+    def extend(self, cache, token_ids, rows: slice | None = None, attention_mask=None, *, input_embeds=None,
+               image_blocks=None) -> None:
+        """Append tokens [k, T] to rows `rows` through the encoder (a prompt's remainder after a cached prefix);
+        `input_embeds` and `image_blocks` as in `prefill`."""
 
     @abstractmethod
     def denoise_hidden(self, cache, canvas_ids, self_conditioning=None, *, rows: slice | None = None,

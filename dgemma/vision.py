@@ -438,3 +438,40 @@ class ModelImages:
                 blocks = np.zeros(len(p.token_ids), np.int32)  # image tokens causal, as the reference then does
             out.append({"input_embeds": backend.image_embeddings(p.token_ids, p.images), "image_blocks": blocks})
         return out
+
+
+class TowerCache:
+    """The vision tower's output for the last `capacity` distinct images (keyed by their patches and positions), so a
+    follow-up turn that resends a conversation's images does not run the tower on them again."""
+
+    def __init__(self, capacity: int = 32):
+        from collections import OrderedDict
+
+        self.capacity = capacity
+        self.entries: "OrderedDict[bytes, object]" = OrderedDict()
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(image: "PreprocessedImage") -> bytes:
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(np.ascontiguousarray(image.patches).tobytes())
+        h.update(np.ascontiguousarray(image.positions).tobytes())
+        return h.digest()
+
+    def features(self, images: list, tower, concat):
+        """concat([tower([image]) for image in images]) with each image's part taken from the cache when there."""
+        parts = []
+        for image in images:
+            k = self.key(image)
+            if k in self.entries:
+                self.entries.move_to_end(k)
+                self.hits += 1
+            else:
+                self.misses += 1
+                self.entries[k] = tower([image])
+                while len(self.entries) > self.capacity:
+                    self.entries.popitem(last=False)
+            parts.append(self.entries[k])
+        return concat(parts)

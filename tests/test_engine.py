@@ -147,3 +147,10 @@ def test_the_core_never_imports_a_framework():
     pattern = re.compile(r"^\s*(import|from)\s+(torch|mlx)\b|import_module\(\s*['\"](torch|mlx)", re.M)
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if pattern.search(p.read_text())]
     assert not offenders, offenders
+
+
+def test_a_task_model_refuses_other_prompts_through_the_api():
+    """dgemma.load() (the Sudoku model) refuses a text question with the CLI's error instead of returning digits."""
+    model = dgemma.load()
+    with pytest.raises(InputError, match="Sudoku"):
+        model.generate("Why is the sky blue?")

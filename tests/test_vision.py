@@ -749,3 +749,30 @@ def test_bf16_tower_is_as_close_as_the_reference_bf16(vision_ckpt_gqa, backend):
         ours = np.array(load_vision_tower(ck, vision, mx.bfloat16)(images).astype(mx.float32))
     assert 0 < ref_error < 0.1
     assert rel(ours, exact) <= 1.25 * ref_error + 1e-3
+
+
+def test_follow_up_turn_reuses_the_image_prefix(vision_model_ckpt):
+    """A follow-up turn resends the conversation with its image: the tower does not run on that image again and the
+    prompt cache reuses the prefix's keys/values (the image's positions included); the answer equals a cold run."""
+    import dgemma
+    from dgemma.engine import Engine, PromptCache, Request
+    from dgemma.sampler import ScriptedNoise
+
+    model = dgemma.load(vision_model_ckpt, backend="cuda", dtype="float32")
+    model.backend.prefill_chunk = 8  # whole chunks inside a short prompt
+    first = _image_messages(1, 2, "describe")
+    follow = first + [{"role": "assistant", "content": "a picture"}, {"role": "user", "content": "more, please"}]
+    settings = model.settings(max_new_tokens=16, max_denoising_steps=3)
+    warm = Engine(model.backend, prompt_cache=PromptCache(1 << 26))
+    for messages in (first, follow):
+        ids, fields = model.encode_with_images(messages)
+        handle = warm.submit(Request(ids, settings, noise=ScriptedNoise(4, model.backend.ops), **fields))
+        list(warm.run([handle]))
+    tower = model.backend._tower_cache
+    assert tower.hits >= 1, "the image was run through the tower twice"
+    assert handle.result.cached_tokens > 0
+    cold = Engine(model.backend)
+    ids, fields = model.encode_with_images(follow)
+    again = cold.submit(Request(ids, settings, noise=ScriptedNoise(4, model.backend.ops), **fields))
+    list(cold.run([again]))
+    assert handle.result.raw_token_ids == again.result.raw_token_ids

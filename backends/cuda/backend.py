@@ -248,10 +248,13 @@ class TorchBackend(Backend):
         return cache
 
     @torch.inference_mode()
-    def extend(self, cache: TorchBatchCache, token_ids, rows: slice | None = None, attention_mask=None) -> None:
+    def extend(self, cache: TorchBatchCache, token_ids, rows: slice | None = None, attention_mask=None, *,
+               input_embeds=None, image_blocks=None) -> None:
         ids = self._ids(token_ids, "token_ids")
         rows = slice(0, cache.rows) if rows is None else rows
-        self.model.extend(cache, rows, ids, self._valid(attention_mask, ids))
+        embeds = None if input_embeds is None else torch.as_tensor(np.asarray(input_embeds)).to(self.device)
+        blocks = None if image_blocks is None else np.asarray(image_blocks)
+        self.model.extend(cache, rows, ids, self._valid(attention_mask, ids), embeds, blocks)
 
     def _soft(self, self_conditioning, self_conditioning_logits, self_conditioning_probs):
         if self_conditioning is not None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from dgemma.config import VisionConfig
 from dgemma.errors import CheckpointError
-from dgemma.vision import PreprocessedImage, vision_tensor_shapes
+from dgemma.vision import PreprocessedImage, TowerCache, vision_tensor_shapes
 
 from .model import RMSNorm, apply_rope, rms_norm
 
@@ -255,5 +255,7 @@ def prompt_embeddings(backend, token_ids, images: list[PreprocessedImage]):
             if tower is None:
                 tower = backend._vision_tower = load_vision_tower(backend.checkpoint, vision, backend.device,
                                                                   backend.dtype)
-            embeds = merge_image_embeddings(embeds, ids, vision.image_token_id, tower(images))
+            cache = backend.__dict__.setdefault("_tower_cache", TowerCache())
+            embeds = merge_image_embeddings(embeds, ids, vision.image_token_id,
+                                            cache.features(images, tower, torch.cat))
     return embeds[0].float().cpu().numpy()

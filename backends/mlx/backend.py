@@ -307,10 +307,13 @@ class MLXBackend(Backend):
             self.model.extend(cache, rows, ids[:, a:b], valid[:, a:b], embeds, blocks)
         return cache
 
-    def extend(self, cache: MLXBatchCache, token_ids, rows: slice | None = None, attention_mask=None) -> None:
+    def extend(self, cache: MLXBatchCache, token_ids, rows: slice | None = None, attention_mask=None, *,
+               input_embeds=None, image_blocks=None) -> None:
         ids = self._ids(token_ids, "token_ids")
         rows = slice(0, cache.rows) if rows is None else rows
-        self.model.extend(cache, rows, ids, self._valid(attention_mask, tuple(ids.shape)))
+        embeds = None if input_embeds is None else mx.array(np.asarray(input_embeds))
+        blocks = None if image_blocks is None else np.asarray(image_blocks)
+        self.model.extend(cache, rows, ids, self._valid(attention_mask, tuple(ids.shape)), embeds, blocks)
 
     def denoise_hidden(self, cache: MLXBatchCache, canvas_ids, self_conditioning=None, *, rows: slice | None = None,
                        positions=None):

@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 
 from dgemma.config import VisionConfig
 from dgemma.errors import CheckpointError
-from dgemma.vision import PreprocessedImage
+from dgemma.vision import PreprocessedImage, TowerCache
 
 from .model import RMSNorm, infer_quant_params, rms_norm
 
@@ -277,5 +277,7 @@ def prompt_embeddings(backend, token_ids, images: list[PreprocessedImage]):
         tower = getattr(backend, "_vision_tower", None)
         if tower is None:
             tower = backend._vision_tower = load_vision_tower(backend.checkpoint, vision, backend.dtype)
-        embeds = merge_image_embeddings(embeds, ids, vision.image_token_id, tower(images))
+        cache = backend.__dict__.setdefault("_tower_cache", TowerCache())
+        embeds = merge_image_embeddings(embeds, ids, vision.image_token_id,
+                                        cache.features(images, tower, mx.concatenate))
     return np.array(embeds[0].astype(mx.float32))

@@ -206,8 +206,7 @@ class Engine:
 
     def _prefill(self, group: list[Job]) -> None:
         self.counters["prefills"] += 1
-        if self.prompt_cache is not None and len(group) == 1 and group[0].request.cacheable \
-                and group[0].request.input_embeds is None:
+        if self.prompt_cache is not None and len(group) == 1 and group[0].request.cacheable:
             prefill, src = self._prefill_cached(group[0])
         else:
             prefill, src = self._prefill_padded(group)
@@ -275,23 +274,30 @@ class Engine:
     def _prefill_cached(self, job: Job):
         """Prefill one request through the prompt cache: reuse the longest cached prefix (whole prefill chunks),
         encode the rest chunk by chunk, and remember the new chunk boundaries. The chunks are those of a fresh
-        prefill, so a hit computes exactly the numbers a miss does."""
-        prompt = job.prompts[0]
+        prefill, so a hit computes exactly the numbers a miss does (images included: their embeddings are part of
+        the key, and the tower's output is what the request carries)."""
+        prompt, req = job.prompts[0], job.request
         if any(list(p) != list(prompt) for p in job.prompts[1:]):
             return self._prefill_padded([job])
-        cached, length = self.prompt_cache.lookup(prompt)
+        embeds = None if req.input_embeds is None else np.asarray(req.input_embeds, dtype=np.float32)
+        blocks = None if req.image_blocks is None else np.asarray(req.image_blocks)
+        chunks = self.backend.prefill_chunks(len(prompt), None if blocks is None else blocks[None])
+        bounds = [b for _, b in chunks]
+        cached, length = self.prompt_cache.lookup(prompt, bounds, embeds, blocks)
         cache = self.backend.new_cache()
         rows = cache.add_rows(1)
         if cached is not None:
             cache.copy_rows_from(cached, slice(0, 1), rows)
         job.cached_tokens = job.handle.cached_tokens = length
         self.counters["cached_tokens"] += length
-        for a, b in self.backend.prefill_chunks(len(prompt)):
+        for a, b in chunks:
             if b <= length:
                 continue
-            self.backend.extend(cache, np.asarray([prompt[a:b]]), rows)
-            if b % self.backend.prefill_chunk == 0 or b == len(prompt):
-                self.prompt_cache.insert(prompt[:b], self.backend.select_rows(cache, [0]))
+            self.backend.extend(cache, np.asarray([prompt[a:b]]), rows,
+                                input_embeds=None if embeds is None else embeds[None, a:b],
+                                image_blocks=None if blocks is None else blocks[None, a:b])
+            self.prompt_cache.insert(prompt[:b], self.backend.select_rows(cache, [0]), bounds[:bounds.index(b) + 1],
+                                     embeds, blocks)
         return cache, [0] * len(job.prompts)
 
     # == canvases =====================================================================================================

@@ -15,16 +15,22 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def _boundary_keys(tokens: Sequence[int], chunk: int) -> list[tuple[int, bytes]]:
-    """(boundary, key) for every multiple of `chunk` up to len(tokens), and for len(tokens) itself."""
+def _boundary_keys(tokens: Sequence[int], chunk: int, bounds: Sequence[int] | None = None,
+                   embeds=None, blocks=None) -> list[tuple[int, bytes]]:
+    """(boundary, key) for every chunk boundary of a prefill: multiples of `chunk` and len(tokens) itself, or the
+    `bounds` given (a prefill with images runs a chunk on to the end of an image). With images, a chunk's key also
+    covers its image tokens' embeddings, so the same token ids with other pictures never share an entry."""
     h = hashlib.blake2b(digest_size=16)
     arr = np.asarray(tokens, dtype=np.int64)
+    if bounds is None:
+        bounds = list(range(chunk, len(arr) + 1, chunk))
+        if not bounds or bounds[-1] != len(arr):
+            bounds.append(len(arr))
     out, a = [], 0
-    bounds = list(range(chunk, len(arr) + 1, chunk))
-    if not bounds or bounds[-1] != len(arr):
-        bounds.append(len(arr))
     for b in bounds:
         h.update(arr[a:b].tobytes())
+        if embeds is not None and blocks is not None and (np.asarray(blocks[a:b]) > 0).any():
+            h.update(np.ascontiguousarray(np.asarray(embeds[a:b], dtype=np.float32)).tobytes())
         out.append((b, h.copy().digest()))
         a = b
     return out
@@ -39,9 +45,9 @@ class PromptCache:
         self.bytes = 0
         self.hits = self.misses = self.evictions = 0
 
-    def lookup(self, tokens: Sequence[int]):
+    def lookup(self, tokens: Sequence[int], bounds=None, embeds=None, blocks=None):
         """(the cached one-row cache of the longest known prefix, its length), or (None, 0)."""
-        for b, key in reversed(_boundary_keys(tokens, self.chunk)):
+        for b, key in reversed(_boundary_keys(tokens, self.chunk, bounds, embeds, blocks)):
             entry = self.entries.get(key)
             if entry is not None and entry[0] == b:
                 self.entries.move_to_end(key)
@@ -50,8 +56,9 @@ class PromptCache:
         self.misses += 1
         return None, 0
 
-    def insert(self, prefix: Sequence[int], cache) -> None:
-        key = _boundary_keys(prefix, self.chunk)[-1][1]
+    def insert(self, prefix: Sequence[int], cache, bounds=None, embeds=None, blocks=None) -> None:
+        """Remember `cache` (one row) as the state after `prefix`; `bounds` are the prefill's chunk ends up to it."""
+        key = _boundary_keys(prefix, self.chunk, bounds, embeds, blocks)[-1][1]
         if key in self.entries:
             self.entries.move_to_end(key)
             return
