@@ -115,9 +115,10 @@ def cli_serve(*, model_path, backend: str, host: str, port: int, max_batch: int 
 
     import click
 
-    from ..assets import default_model_path
+    from ..assets import default_model_path, text_model_path
 
-    path = model_path if model_path is not None else default_model_path()
+    # With no --model an OpenAI-style server answers text: the shipped text model when the package has one.
+    path = model_path if model_path is not None else (text_model_path() or default_model_path())
     if print_vllm_command:
         _print_vllm_command(path, served_model_name=served_model_name, host=host, port=port,
                             max_model_len=max_model_len, max_batch=max_batch)
