@@ -534,8 +534,6 @@ def test_every_face_of_the_api(e2e_models):
                                seed=6, **FAST))
     assert len(chunks) > 1 and chunks[-1].finished           # several canvases, each committed valid
     jsonschema.validate(json.loads("".join(c.text for c in chunks)), schema)
-    free = model.generate("x", seed=7, **FAST)                # no constraint: the row is untouched by the grammar
-    assert free.stats.finish_reason in ("eos", "length")
     with pytest.raises(InputError, match="json_schema at /properties/a/not"):
         model.generate("x", response_format={"type": "object", "properties": {"a": {"not": {}}}}, **FAST)
     with pytest.raises(InputError, match="give one of"):
