@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgemma.config import LayerSpec, ModelConfig
-from dgemma.kvlayout import RowLayout, decode_layout, extend_layout
+from dgemma.kvlayout import RowLayout, extend_layout
+from dgemma.passes import CachePasses
 from dgemma.weights import LAYER_NORMS, text_tensor_shapes
 
 
@@ -263,7 +264,7 @@ class KVState:
         return self.valid[:, self.length - layer_len:]
 
 
-class DiffusionGemmaText(nn.Module):
+class DiffusionGemmaText(CachePasses, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -292,9 +293,9 @@ class DiffusionGemmaText(nn.Module):
         w = self.embed_tokens.weight
         return F.embedding(ids, w) * torch.tensor(self.cfg.embed_scale, dtype=torch.float32).to(w.dtype)
 
-    def rope(self, positions: torch.Tensor, dtype):
-        """cos/sin tables for positions [T] (shared by the batch) or [B, T] (one row each)."""
-        p = positions.float()
+    def rope(self, positions, dtype):
+        """cos/sin tables for positions [T] (shared by the batch) or [B, T] (one row each), host or device ints."""
+        p = torch.as_tensor(positions, device=self.embed_tokens.weight.device).float()
         p = p[None, :, None] if p.ndim == 1 else p[:, :, None]
         out = {}
         for key, inv in (("sliding", self.inv_freq_sliding), ("full", self.inv_freq_full)):
@@ -342,43 +343,9 @@ class DiffusionGemmaText(nn.Module):
             x = layer.feed_forward(x, getattr(layer, scalar))
         return x
 
-    # -- inference over the backend's batch cache ---------------------------------------------------------------
-    def _row_positions(self, starts: np.ndarray, T: int) -> torch.Tensor:
-        dev = self.embed_tokens.weight.device
-        if (starts == starts[0]).all():
-            return torch.arange(int(starts[0]), int(starts[0]) + T, device=dev)
-        return torch.as_tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)[None, :]
-
-    def extend(self, cache, rows: slice, ids: torch.Tensor, new_valid: np.ndarray,
-               input_embeds: torch.Tensor | None = None, image_blocks: np.ndarray | None = None) -> None:
-        """Causal encoder pass appending ids [k, T] to rows `rows` of the cache (a prompt chunk or a canvas)."""
-        lay = extend_layout(cache.layout, rows, new_valid, image_blocks)
-        cache.reserve(ids.shape[1], rows)
-        x = self.embed(ids) if input_embeds is None else input_embeds.to(self.embed_tokens.weight.dtype)
-        tables = self.rope(self._row_positions(lay.full_write, ids.shape[1]), x.dtype)
-        masks: dict = {}
-        self.run_layers(x, tables, lambda i, k, v: cache.extend_kv(i, rows, lay, k, v, masks),
-                        "encoder_layer_scalar", keys_only_last=True)
-        cache.finish_extend(rows, lay, new_valid)
-
-    def decode_rows(self, cache, rows: slice, canvas: torch.Tensor, soft: torch.Tensor | None,
-                    positions: np.ndarray | None = None) -> torch.Tensor:
-        """Bidirectional decoder over each row's cache and its canvas [k, C]; the final-normed hidden [k, C, H].
-        With `positions` [k, A] (fast mode) `canvas` holds only those canvas positions, which alone are forwarded."""
-        C = self.cfg.canvas_length if positions is not None else canvas.shape[1]
-        lay = decode_layout(cache.layout, rows, C)
-        cache.reserve(C, rows)
-        x = self.decoder_input(canvas, soft)
-        masks: dict = {}
-        if positions is None:
-            tables = self.rope(self._row_positions(lay.full_write, C), x.dtype)
-            layer_kv = lambda i, k, v: cache.decode_kv(i, rows, lay, k, v, masks)  # noqa: E731
-        else:
-            at = torch.as_tensor(lay.full_write[:, None] + positions, device=x.device)
-            tables = self.rope(at, x.dtype)
-            layer_kv = lambda i, k, v: cache.decode_kv_at(i, rows, lay, positions, k, v, masks)  # noqa: E731
-        x = self.run_layers(x, tables, layer_kv, "layer_scalar", keys_only_last=False)
-        return self.norm(x)
+    # -- inference over the backend's batch cache: dgemma.passes.CachePasses (extend, decode_rows) ----------
+    def as_activations(self, x):
+        return torch.as_tensor(x).to(self.embed_tokens.weight.device, self.embed_tokens.weight.dtype)
 
     # -- the functional passes training differentiates through -------------------------------------------------
     def encode(self, ids: torch.Tensor, valid: torch.Tensor, state: KVState | None = None, *,

@@ -24,7 +24,8 @@ import mlx.nn as nn
 import numpy as np
 
 from dgemma.config import LayerSpec, ModelConfig
-from dgemma.kvlayout import RowLayout, decode_layout, extend_layout
+from dgemma.kvlayout import RowLayout, extend_layout
+from dgemma.passes import CachePasses
 
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
               "post_feedforward_layernorm_1", "post_feedforward_layernorm_2", "pre_feedforward_layernorm_2")
@@ -330,7 +331,7 @@ class KVState:
         return self.valid[:, self.length - layer_len:]
 
 
-class DiffusionGemmaText(nn.Module):
+class DiffusionGemmaText(CachePasses, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -405,40 +406,9 @@ class DiffusionGemmaText(nn.Module):
             x = layer.feed_forward(x, getattr(layer, scalar))
         return x
 
-    # -- inference over the backend's batch cache -----------------------------------------------------------------
-    @staticmethod
-    def _row_positions(starts: np.ndarray, T: int) -> np.ndarray:
-        if (starts == starts[0]).all():
-            return np.arange(int(starts[0]), int(starts[0]) + T)
-        return starts[:, None] + np.arange(T)[None, :]
-
-    def extend(self, cache, rows: slice, ids, new_valid: np.ndarray, input_embeds=None, image_blocks=None) -> None:
-        """Causal encoder pass appending ids [k, T] to rows `rows` of the cache (a prompt chunk or a canvas)."""
-        lay = extend_layout(cache.layout, rows, new_valid, image_blocks)
-        cache.reserve(ids.shape[1], rows)
-        x = self.embed(ids) if input_embeds is None else input_embeds.astype(self.dtype)
-        tables = self.rope(self._row_positions(lay.full_write, ids.shape[1]), x.dtype)
-        masks: dict = {}
-        self.run_layers(x, tables, lambda i, k, v: cache.extend_kv(i, rows, lay, k, v, masks),
-                        "encoder_layer_scalar", keys_only_last=True)
-        cache.finish_extend(rows, lay, new_valid)
-
-    def decode_rows(self, cache, rows: slice, canvas, soft=None, positions: np.ndarray | None = None):
-        """Bidirectional decoder over each row's cache and its canvas [k, C]; the final-normed hidden [k, C, H].
-        With `positions` [k, A] (fast mode) `canvas` holds only those canvas positions, which alone are forwarded."""
-        C = self.cfg.canvas_length if positions is not None else canvas.shape[1]
-        lay = decode_layout(cache.layout, rows, C)
-        cache.reserve(C, rows)
-        x = self.decoder_input(canvas, soft)
-        masks: dict = {}
-        if positions is None:
-            tables = self.rope(self._row_positions(lay.full_write, C), x.dtype)
-            layer_kv = lambda i, k, v: cache.decode_kv(i, rows, lay, k, v, masks)  # noqa: E731
-        else:
-            tables = self.rope(lay.full_write[:, None] + positions, x.dtype)
-            layer_kv = lambda i, k, v: cache.decode_kv_at(i, rows, lay, positions, k, v, masks)  # noqa: E731
-        x = self.run_layers(x, tables, layer_kv, "layer_scalar", keys_only_last=False)
-        return self.norm(x)
+    # -- inference over the backend's batch cache: dgemma.passes.CachePasses (extend, decode_rows) ----------
+    def as_activations(self, x):
+        return (x if isinstance(x, mx.array) else mx.array(np.asarray(x))).astype(self.dtype)
 
     # -- the functional passes training differentiates through ------------------------------------------------------
     def encode(self, ids, valid: np.ndarray, state: KVState | None = None, *, cache_length: int | None = None,
