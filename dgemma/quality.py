@@ -14,8 +14,9 @@ What it measures (`measure`):
   `agreement` can compare a quantized model's generations with the float model's.
 
 Only the `dgemma.Model` API is used (prefill, denoise, generate_batch with noise over the backend's ops), so a
-quantized or converted checkpoint is measured as it runs. The held-out documents live beside the model (heldout.jsonl, written by
-examples/text/train.py); a converted copy is measured with the float folder's documents (`heldout_documents`).
+quantized or converted checkpoint is measured as it runs. The held-out documents live beside the model
+(heldout.jsonl, written by examples/text/train.py); a converted copy is measured with the float folder's documents
+(`heldout_documents`).
 Imports neither torch nor mlx.
 """
 

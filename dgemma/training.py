@@ -163,7 +163,8 @@ class TrainLoop:
         """Train until `steps` (total, counting steps already done) on batches sampled from (prompts, targets), or
         made by `batch_fn(step, rng) -> (prompts, targets)` or `(prompts, targets, prompt_valid)` for left-padded
         prompts (rng a numpy Generator seeded from (seed, step), so a resumed run sees the same batches);
-        `evaluate(trainer) -> dict` runs every cfg.eval_every steps; the checkpoint is saved every cfg.save_every steps and at the end, then `on_save(trainer)` is called."""
+        `evaluate(trainer) -> dict` runs every cfg.eval_every steps; the checkpoint is saved every cfg.save_every
+        steps and at the end, then `on_save(trainer)` is called."""
         from tqdm.auto import tqdm
 
         steps = self.cfg.steps if steps is None else steps

@@ -14,9 +14,10 @@ differentiable; training only uses the encoder's `cache_length` / `return_hidden
 The randomness of a step (t, the self-conditioning coins, the corruption) is drawn on the host with numpy: it is a few
 kilobytes per batch, it makes every step a pure function of (seed, step) on any device, and the rows that get a first
 pass are known without a device sync. The draws are the core's (`dgemma.training.noise_rng` / `draw_noise`), which
-the PyTorch recipe uses too, so one seed trains the same on either backend. Files are interchangeable with the PyTorch recipe's: LoRA adapters use the same
-safetensors layout and PEFT names, and `export_hf` writes the same Hugging Face checkpoint, so either backend loads
-what the other wrote. (The resumable train state is MLX's own file: optimizer states do not carry over.)
+the PyTorch recipe uses too, so one seed trains the same on either backend. Files are interchangeable with the
+PyTorch recipe's: LoRA adapters use the same safetensors layout and PEFT names, and `export_hf` writes the same
+Hugging Face checkpoint, so either backend loads what the other wrote. (The resumable train state is MLX's own
+file: optimizer states do not carry over.)
 
 mx.compile is not used: on the CPU a step is bound by matmuls (mlx[cpu] on Linux links the reference BLAS; measured
 on the default Sudoku model at batch 8, a compiled step took as long as an eager one, and its first call once took
