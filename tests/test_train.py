@@ -322,7 +322,7 @@ def test_example_script_mix_parses_and_rejects_bad_weights(tmp_path, capsys):
     start, end = script.parse_mix("2,2,0:1,1,2")
     assert np.allclose(start, [0.5, 0.5, 0.0]) and np.allclose(end, [0.25, 0.25, 0.5])
     for bad in ("1,2", "1,2,3", "a,b,c:1,1,1", "0,0,0:1,1,1", "1,-1,1:1,1,1"):
-        with pytest.raises(ValueError, match="weight triples"):
+        with pytest.raises(ValueError, match="weight lists"):
             script.parse_mix(bad)
     with pytest.raises(SystemExit):
         script.main(["--out", str(tmp_path / "never"), "--mix", "1,2"] + ARGS)
