@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="cuda,mlx")
     ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of {', '.join(TARGETS)}, or none")
     ap.add_argument("--n-loss", type=int, default=32, help="held-out examples for the denoising loss")
-    ap.add_argument("--n-generate", type=int, default=8, help="held-out prompts generated from")
+    ap.add_argument("--n-generate", type=int, default=4, help="held-out prompts generated from")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write every number to this file")
     args = ap.parse_args(argv)
