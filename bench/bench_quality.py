@@ -7,10 +7,11 @@ target against it.
 
 For the float checkpoint on each backend: the held-out denoising loss at t = 0.25 / 0.5 / 0.75 (one decoder pass
 over a fixed corruption, the same draws on both backends), the accuracy on the replaced tokens, and the tokens per
-forward and steps per canvas of generation under the checkpoint's sampler (fixed prompts and seeds). Then each
-convert target is written to a temporary folder and measured on every backend that loads it: the same losses, and
-the agreement of its generated tokens with the float model's on the same backend (same prompts, same seeds;
-position by position). A format a backend cannot run is reported as such, with the reason.
+forward and steps per canvas of generation under the checkpoint's sampler (fixed prompts and noise). Then each
+convert target is written to a temporary folder ("bf16": the float checkpoint loaded as bfloat16) and measured on
+every backend that loads it: the same losses, and the agreement of its generated tokens with the float model's on
+the same backend (same prompts, same noise; position by position). A format a backend cannot run is reported as
+such, with the reason.
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ TARGETS = {
     "fp8": dict(to="cuda", quant="fp8"),
     "int4": dict(to="cuda", quant="int4"),
 }
+LOAD_DTYPES = {"bf16": "bfloat16"}   # not a conversion: the float checkpoint loaded in this dtype
 FLAGS = {"mlx-8bit": "--to mlx --bits 8", "mlx-4bit": "--to mlx --bits 4", "mlx-mixed": "--to mlx --mixed",
-         "fp8": "--to cuda --quant fp8", "int4": "--to cuda --quant int4"}
+         "fp8": "--to cuda --quant fp8", "int4": "--to cuda --quant int4", "bf16": "float32 loaded as bfloat16"}
 
 
-def measure(folder, backend: str, docs, args) -> tuple[dict | None, list | None, str | None]:
+def measure(folder, backend: str, docs, args, dtype=None) -> tuple[dict | None, list | None, str | None]:
     """(yardstick as JSON, generated tokens, None) or (None, None, why it does not run)."""
     try:
-        model = dgemma.load(folder, backend=backend)
+        model = dgemma.load(folder, backend=backend, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - a format a backend does not load is a row of the table, not a crash
         return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
     t0 = time.perf_counter()
@@ -62,7 +64,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=str(ROOT / "dgemma" / "assets" / "text"))
     ap.add_argument("--backends", default="cuda,mlx")
-    ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of {', '.join(TARGETS)}, or none")
+    ap.add_argument("--targets", default=",".join([*TARGETS, *LOAD_DTYPES]),
+                    help=f"comma list of {', '.join([*TARGETS, *LOAD_DTYPES])}, or none")
     ap.add_argument("--n-loss", type=int, default=32, help="held-out examples for the denoising loss")
     ap.add_argument("--n-generate", type=int, default=4, help="held-out prompts generated from")
     ap.add_argument("--seed", type=int, default=0)
@@ -70,9 +73,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     backends = [b for b in args.backends.split(",") if b]
     targets = [] if args.targets == "none" else [t for t in args.targets.split(",") if t]
-    unknown = sorted(set(targets) - set(TARGETS))
+    unknown = sorted(set(targets) - set(TARGETS) - set(LOAD_DTYPES))
     if unknown:
-        ap.error(f"--targets: unknown {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+        ap.error(f"--targets: unknown {', '.join(unknown)}; choose from {', '.join([*TARGETS, *LOAD_DTYPES])}")
     docs = quality.heldout_documents(args.model)
     report = {"model": args.model, "float": {}, "targets": {}}
 
@@ -96,16 +99,18 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="dgemma-quality-") as tmp:
         for name in targets:
-            dst = Path(tmp) / name
-            try:
-                convert(args.model, str(dst), progress=False, **TARGETS[name])
-            except Exception as e:  # noqa: BLE001
-                report["targets"][name] = {"error": f"convert: {e}"}
-                print(f"| {FLAGS[name]} | - | convert failed: {e} | | | |")
-                continue
+            dtype = LOAD_DTYPES.get(name)
+            dst = Path(args.model) if dtype else Path(tmp) / name
+            if not dtype:
+                try:
+                    convert(args.model, str(dst), progress=False, **TARGETS[name])
+                except Exception as e:  # noqa: BLE001
+                    report["targets"][name] = {"error": f"convert: {e}"}
+                    print(f"| {FLAGS[name]} | - | convert failed: {e} | | | |")
+                    continue
             report["targets"][name] = {}
             for b in backends:
-                y, tokens, why = measure(dst, b, docs, args)
+                y, tokens, why = measure(dst, b, docs, args, dtype)
                 if y is None:
                     report["targets"][name][b] = {"error": why}
                     print(f"| {FLAGS[name]} | {b} | does not run: {why} | | | |")
