@@ -448,6 +448,12 @@ class Engine:
             else:
                 idx, used = positions
                 r.pos_entropy[idx[j][used[j]]] = ent[j][used[j]]
+            p = r.fast
+            if positions is None and p.refresh_every and (r.step + 1) % p.refresh_every == 0:
+                # a refresh pass saw every position anew: a frozen one whose argmax moved is denoised again
+                moved = r.frozen & (host_argmax[j] != r.frozen_tokens)
+                r.frozen &= ~moved
+                r.settle[moved] = 0
             now = np.where(r.frozen, r.frozen_tokens, host_argmax[j])
             same = now == r.prev_argmax if r.prev_argmax is not None else np.zeros_like(r.frozen)
             r.settle = np.where(same & (r.pos_entropy < r.fast.freeze_entropy), r.settle + 1, 0)

@@ -54,7 +54,8 @@ class FastPolicy:
     entropy under `freeze_entropy` for `freeze_after` passes freezes: it keeps that token, its keys/values stay in
     the cache's canvas slots, and it is no longer forwarded (it is forwarded once more, on the pass after it
     froze, so its keys/values reflect the final token). Every `refresh_every`-th pass of a canvas forwards every
-    position (0: never). The stopping rule and the commit pass are exact."""
+    position (0: never), and a frozen position whose argmax moved there is denoised again. The stopping rule and the
+    commit pass are exact."""
 
     freeze_after: int = 2
     freeze_entropy: float = 0.05
