@@ -72,12 +72,26 @@ def test_parallel_attempts_solve_what_one_attempt_does_not(models, backend):
     assert sum(r.steps for r in eight) < sum(r.steps for r in one)
 
 
-def test_a_text_prompt_to_the_built_in_model_is_one_line():
-    r = CliRunner().invoke(main, ["generate", "--prompt", "Why is the sky blue?"], catch_exceptions=False)
+def test_a_text_prompt_to_the_sudoku_model_is_one_line():
+    from dgemma.assets import default_model_path
+
+    r = CliRunner().invoke(main, ["generate", "--model", str(default_model_path()), "--prompt", "Why is the sky blue?"],
+                           catch_exceptions=False)
     assert r.exit_code == 2, r.output
     lines = r.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: the built-in model is a Sudoku solver"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: --model") and "is a Sudoku solver" in lines[0], r.stderr
     assert "--model PATH" in lines[0]
+
+
+def test_a_text_prompt_without_a_model_goes_to_the_shipped_text_model():
+    from dgemma.assets import text_model_path
+
+    if text_model_path() is None:
+        pytest.skip("no text model ships in this package")
+    r = CliRunner().invoke(main, ["generate", "--prompt", "The ", "--seed", "0", "--max-new-tokens", "64"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() and "tokens/forward" in r.stderr
 
 
 def test_sudoku_solve_json_on_the_built_in_model():

@@ -30,8 +30,9 @@ def solve(model, boards, *, seed, constraints, retries, attempts, sampler, batch
 
     from .task import solve_puzzles
 
+    # Redrawn after every batch (there are few): a throttled bar would skip what fast batches did.
     with tqdm(total=len(boards), unit="puzzle", desc="solving", file=sys.stderr, disable=not progress,
-              leave=False) as bar:
+              leave=False, mininterval=0, miniters=1) as bar:
         try:
             return solve_puzzles(model, boards, seed=seed, constraints=constraints, max_retries=retries,
                                  attempts=attempts, batch_size=batch_size * attempts, on_step=on_step,
