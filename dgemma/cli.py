@@ -320,8 +320,10 @@ def convert_command(src, dst, to, bits, group_size, mixed, quant, rest, dtype, s
 @click.option("--device", default=None, help="Torch device for --backend cuda (default: cuda if available, else cpu).")
 @click.option("--print-vllm-command", is_flag=True, help="Print the `vllm serve` command for this checkpoint and exit.")
 @click.option("--max-model-len", type=int, default=None, help="With --print-vllm-command (default: the config's).")
+@click.option("--allow-remote-images", is_flag=True,
+              help="Fetch http(s) image URLs in chat requests (at most 20 MB and 10 s each); default: data: URLs only.")
 def serve(model_path, backend, host, port, max_batch, batching, prompt_cache_mb, speed, served_model_name, dtype,
-          device, print_vllm_command, max_model_len):
+          device, print_vllm_command, max_model_len, allow_remote_images=False):
     """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     if print_vllm_command:
         from .vllm import print_vllm_command as print_command
@@ -335,8 +337,8 @@ def serve(model_path, backend, host, port, max_batch, batching, prompt_cache_mb,
 
     cli_serve(model_path=model_path, backend=backend, host=host, port=port, max_batch=max_batch, batching=batching,
               prompt_cache_mb=prompt_cache_mb, speed=speed, served_model_name=served_model_name, dtype=dtype,
-              device=device,
-              print_vllm_command=print_vllm_command, max_model_len=max_model_len)
+              device=device, print_vllm_command=print_vllm_command, max_model_len=max_model_len,
+              allow_remote_images=allow_remote_images)
 
 
 @main.command("random-checkpoint")

@@ -454,6 +454,43 @@ def test_image_parts_as_data_urls(tmp_path_factory):
             with pytest.raises(openai.BadRequestError) as e:
                 c.chat.completions.create(model=NAME, messages=bad, **kw)
             assert e.value.param == "messages" and "data: URL" in e.value.message
+    # --allow-remote-images: an http URL (a loopback server here) is fetched, within the size limit
+    import http.server
+    import threading
+
+    import dgemma.serve.app as serve_app
+
+    png = buf.getvalue()
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = png if self.path == "/cat.png" else png * 64
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": base + "/cat.png"}},
+                                           {"type": "text", "text": "what is this?"}]}]
+    try:
+        with ServerThread(vision, model_name=NAME, batching="exact", allow_remote_images=True) as srv:
+            r = client(srv).chat.completions.create(model=NAME, messages=remote, **kw)
+            assert r.choices[0].message.content == ref.text
+            limit, serve_app.REMOTE_IMAGE_BYTES = serve_app.REMOTE_IMAGE_BYTES, 2 * len(png)
+            try:
+                big = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": base + "/big.png"}}]}]
+                with pytest.raises(openai.BadRequestError, match="over"):
+                    client(srv).chat.completions.create(model=NAME, messages=big, **kw)
+            finally:
+                serve_app.REMOTE_IMAGE_BYTES = limit
+    finally:
+        files.shutdown()
 
 
 # -- prompt caching --------------------------------------------------------------------------------------------------

@@ -35,8 +35,9 @@ _SEED_MOD = 2**63
 class Service:
     """The routes' shared state (the model, its worker, its served name) and the request -> jobs translation."""
 
-    def __init__(self, model, worker: EngineWorker, name: str, speed: str = "exact"):
+    def __init__(self, model, worker: EngineWorker, name: str, speed: str = "exact", allow_remote_images: bool = False):
         self.model, self.worker, self.name, self.speed = model, worker, name, speed
+        self.allow_remote_images = allow_remote_images
         self.created = int(time.time())
         self.task = _task(model)
 
@@ -62,7 +63,7 @@ class Service:
         messages = [m.plain(i) for i, m in enumerate(req.messages)]
         self.check_task_prompt(messages, "messages")
         if any(m.image_parts() for m in req.messages):
-            return ImagePrompt(self.model, _checked_image_urls(req, messages))
+            return ImagePrompt(self.model, _checked_image_urls(req, messages, self.allow_remote_images))
         if self.model.tokenizer is None:
             raise S.ApiError(400, "this model has no tokenizer: use /v1/completions with token ids")
         extra = {"tools": req.tools} if req.tools else {}  # the chat template renders the declared tools
@@ -194,8 +195,13 @@ class ImagePrompt:
         request.cacheable = False  # the prompt cache keys on token ids, which do not tell two images apart
 
 
-def _checked_image_urls(req: S.ChatCompletionRequest, messages: list[dict]) -> list[dict]:
-    """Images come inside the request as data: URLs; the server fetches nothing and reads no file a client names."""
+REMOTE_IMAGE_BYTES = 20 << 20     # --allow-remote-images: the most one image URL may send
+REMOTE_IMAGE_SECONDS = 10.0       # and how long it may take
+
+
+def _checked_image_urls(req: S.ChatCompletionRequest, messages: list[dict], allow_remote: bool = False) -> list[dict]:
+    """Images come inside the request as data: URLs; the server reads no file a client names and fetches http(s)
+    URLs only when started with --allow-remote-images (then within a size and a time limit)."""
     for i, m in enumerate(req.messages):
         for j, part in enumerate(m.content if isinstance(m.content, list) else []):
             if part.type not in S.IMAGE_PARTS:
@@ -204,11 +210,37 @@ def _checked_image_urls(req: S.ChatCompletionRequest, messages: list[dict]) -> l
             source = extra.get("image_url") if part.type == "image_url" else next(
                 (extra.get(k) for k in ("image", "url", "path") if extra.get(k) is not None), None)
             url = source.get("url") if isinstance(source, dict) else source
+            where = f"messages[{i}].content[{j}]"
+            if allow_remote and isinstance(url, str) and url.startswith(("http://", "https://")):
+                messages[i]["content"][j] = {"type": "image", "image": _fetch_image(url, where)}
+                continue
             if not isinstance(url, str) or not url.startswith("data:image/"):
-                raise S.ApiError(400, f"messages[{i}].content[{j}]: an image must be a data: URL "
-                                      "(data:image/<type>;base64,...); the server fetches no URL and reads no file",
-                                 param="messages")
+                hint = "" if allow_remote else " (start the server with --allow-remote-images to fetch http(s) URLs)"
+                raise S.ApiError(400, f"{where}: an image must be a data: URL (data:image/<type>;base64,...){hint}; "
+                                      "the server reads no file", param="messages")
     return messages
+
+
+def _fetch_image(url: str, where: str) -> bytes:
+    """The bytes behind an image URL, at most REMOTE_IMAGE_BYTES within REMOTE_IMAGE_SECONDS, else a 400."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + REMOTE_IMAGE_SECONDS
+    try:
+        with urllib.request.urlopen(url, timeout=REMOTE_IMAGE_SECONDS) as r:  # noqa: S310 - opt-in, http(s) only
+            data = b""
+            while len(data) <= REMOTE_IMAGE_BYTES:
+                chunk = r.read(1 << 16)
+                if not chunk:
+                    return data
+                data += chunk
+                if time.monotonic() > deadline:
+                    raise S.ApiError(400, f"{where}: the image at {url} took over {REMOTE_IMAGE_SECONDS:.0f} s",
+                                     param="messages")
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise S.ApiError(400, f"{where}: could not fetch {url} ({e})", param="messages") from None
+    raise S.ApiError(400, f"{where}: the image at {url} is over {REMOTE_IMAGE_BYTES >> 20} MB", param="messages")
 
 
 def _task(model):
@@ -333,7 +365,7 @@ async def next_event(request, events: asyncio.Queue, state: dict, every: float =
 # ======================================================================================================================
 def create_app(model, *, model_name: str = "dgemma", max_batch: int = DEFAULT_MAX_BATCH, batching: str = "merged",
                prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, speed: str = "exact",
-               worker: EngineWorker | None = None):
+               worker: EngineWorker | None = None, allow_remote_images: bool = False):
     """The ASGI app. The worker thread starts with the app (lifespan) and stops with it. `speed` is the default for
     requests that do not send one."""
     if speed not in S.SPEEDS:
@@ -342,7 +374,7 @@ def create_app(model, *, model_name: str = "dgemma", max_batch: int = DEFAULT_MA
         raise InputError(f"--speed must be one of {', '.join(S.SPEEDS)}, not {speed!r}")
     worker = worker if worker is not None else EngineWorker(model, max_batch=max_batch, batching=batching,
                                                             prompt_cache_mb=prompt_cache_mb)
-    svc = Service(model, worker, model_name, speed)
+    svc = Service(model, worker, model_name, speed, allow_remote_images)
 
     @asynccontextmanager
     async def lifespan(app):

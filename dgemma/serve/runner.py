@@ -47,7 +47,8 @@ class ServerThread:
 
     def __init__(self, model, *, host: str = "127.0.0.1", port: int = 0, model_name: str = "dgemma",
                  max_batch: int = DEFAULT_MAX_BATCH, batching: str = "merged",
-                 prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, speed: str = "exact", log_level: str = "warning"):
+                 prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, speed: str = "exact", log_level: str = "warning",
+                 allow_remote_images: bool = False):
         import uvicorn
 
         from .app import create_app
@@ -55,7 +56,7 @@ class ServerThread:
         if not is_loopback(host):
             raise InputError(f"ServerThread binds loopback addresses only, not {host!r}")
         self.app = create_app(model, model_name=model_name, max_batch=max_batch, batching=batching,
-                              prompt_cache_mb=prompt_cache_mb, speed=speed)
+                              prompt_cache_mb=prompt_cache_mb, speed=speed, allow_remote_images=allow_remote_images)
         self.worker = self.app.state.worker
         self.sock = bind(host, port)
         self.port = self.sock.getsockname()[1]
@@ -108,7 +109,8 @@ def _print_vllm_command(path, *, served_model_name, host: str, port: int, max_mo
 
 def cli_serve(*, model_path, backend: str, host: str, port: int, max_batch: int | None, served_model_name,
               dtype, device, print_vllm_command: bool, max_model_len: int | None, batching: str = "merged",
-              prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, speed: str = "exact", log_level: str = "info") -> None:
+              prompt_cache_mb: float = DEFAULT_PROMPT_CACHE_MB, speed: str = "exact", log_level: str = "info",
+              allow_remote_images: bool = False) -> None:
     """What `dgemma serve` does (the click command in cli.py only forwards its options here). Bad flags, a port in
     use and a missing extra end in InputError (one `error:` line from the CLI)."""
     import sys
@@ -141,7 +143,7 @@ def cli_serve(*, model_path, backend: str, host: str, port: int, max_batch: int 
         name = served_model_name or served_name(path)
         batch = max_batch or DEFAULT_MAX_BATCH
         app = create_app(model, model_name=name, max_batch=batch, batching=batching, prompt_cache_mb=prompt_cache_mb,
-                         speed=speed)
+                         speed=speed, allow_remote_images=allow_remote_images)
     except BaseException:
         sock.close()
         raise
