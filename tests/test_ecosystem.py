@@ -214,6 +214,7 @@ def test_peft_adapter_loads_in_dgemma(src, peft_adapter, backend):
     assert_close(ours, theirs)
 
 
+@pytest.mark.slow
 def test_untied_peft_adapter_is_refused(src, tmp_path):
     """PEFT adapters whose encoder and decoder copies differ cannot run on one set of layers: a clear error."""
     peft = pytest.importorskip("peft")

@@ -8,7 +8,8 @@ from dgemma.engine import Engine, PromptCache, Request
 from dgemma.errors import InputError
 
 KW = dict(max_new_tokens=32, max_denoising_steps=6, eos_token_ids=[], pad_token_id=0)
-BACKENDS = ["cuda", "mlx"]
+# The engine is backend-neutral: the fast tier runs it on PyTorch, the full run (CI) on both.
+BACKENDS = ["cuda", pytest.param("mlx", marks=pytest.mark.slow)]
 
 
 def settings(model, **kw):

@@ -173,6 +173,7 @@ def test_bf16_parity(bf16):
             o32.commit(canvas)
 
 
+@pytest.mark.slow
 def test_generation_identical_across_backends_and_reference(tiny, tiny_mlx):
     """Same prompts, same ScriptedNoise: the same tokens from the MLX backend, the PyTorch backend and the reference."""
     prompts = [list(range(5, 25)), list(range(40, 52))]

@@ -182,6 +182,7 @@ def test_models_and_chat_match_library(model, exact_server):
     assert other.choices[0].message.content != r.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_streaming_equals_non_streaming(model, exact_server):
     c = client(exact_server)
     msgs = [{"role": "user", "content": "Stream please."}]
@@ -353,6 +354,7 @@ def _jobs(n):
             for i in range(n)]
 
 
+@pytest.mark.slow
 def test_merged_server_batches_and_serves_everyone(model, merged_server):
     jobs = _jobs(16)
     c = client(merged_server)
@@ -494,6 +496,7 @@ def test_image_parts_as_data_urls(tmp_path_factory):
 
 
 # -- prompt caching --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_prompt_cache_hits_give_identical_answers(model, exact_server):
     """A resent prompt and a longer prompt that starts with it reuse the encoded prefix: the answers equal the solo
     runs (which use no cache), and usage.prompt_tokens_details.cached_tokens says how many tokens were reused."""
@@ -548,6 +551,7 @@ def test_client_disconnect_frees_the_slot(model):
 
 
 # -- errors ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_bad_requests_get_openai_errors(model, exact_server):
     c = client(exact_server)
     url = exact_server.url

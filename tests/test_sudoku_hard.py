@@ -117,6 +117,7 @@ def test_minimal_is_a_held_out_difficulty():
     assert not set(held) & set(generate_hard_dataset(3, seed=3))
 
 
+@pytest.mark.slow
 def test_gpu_training_command_runs_a_few_cpu_steps(tmp_path):
     """examples/sudoku/train_gpu.sh (bf16 autocast, four-pool curriculum ending on minimal puzzles, --max-minutes)
     with a tiny model on the CPU: it trains, exports a loadable checkpoint and logs every step."""
@@ -137,6 +138,7 @@ def test_gpu_training_command_runs_a_few_cpu_steps(tmp_path):
     assert model.config.canvas_length == 82
 
 
+@pytest.mark.slow
 def test_max_minutes_stops_and_exports(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "examples/sudoku/train.py"), "--out", str(out), "--hidden", "32", "--layers",

@@ -75,6 +75,7 @@ def test_tokenizer_round_trips_text(tokenizer):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
+@pytest.mark.slow
 def test_shipped_model_generates_english_over_several_canvases(backend, docs):
     if backend == "mlx":
         pytest.importorskip("mlx.core")
@@ -93,6 +94,7 @@ def test_shipped_model_generates_english_over_several_canvases(backend, docs):
     assert english_words(gen.text, vocabulary) > random_score + 0.1, gen.text
 
 
+@pytest.mark.slow
 def test_recipe_loss_goes_down_on_a_fixed_text_batch(tokenizer, docs):
     torch_train = pytest.importorskip("dgemma.backends.cuda.train")
     train = load_script("train")
@@ -110,6 +112,7 @@ def test_recipe_loss_goes_down_on_a_fixed_text_batch(tokenizer, docs):
     assert after < 0.7 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_one_seed_trains_the_same_text_steps_on_both_backends(tokenizer, docs):
     """The noise of a step comes from the core (dgemma.training.noise_rng / draw_noise): two Trainers of the same
     seed take the same steps on PyTorch and MLX, left-padded prompts included."""
@@ -131,6 +134,7 @@ def test_one_seed_trains_the_same_text_steps_on_both_backends(tokenizer, docs):
             assert got[k] == pytest.approx(want[k], rel=1e-4), (step, k)
 
 
+@pytest.mark.slow
 def test_yardstick_is_the_same_on_both_backends(docs):
     pytest.importorskip("mlx.core")
     got = {}
@@ -165,6 +169,7 @@ def test_yardstick_draws_are_fixed_and_the_loss_is_cross_entropy(docs):
     assert quality.agreement([[1, 2, 3]], [[1, 2, 4, 5]]) == 0.5 and quality.agreement([[7]], [[7]]) == 1.0
 
 
+@pytest.mark.slow
 def test_train_script_trains_resumes_and_exports(tmp_path, capsys):
     """`examples/text/train.py` on a tiny model: 2 steps then 2 resumed equal 4 straight, and the export is a text
     model both backends load."""

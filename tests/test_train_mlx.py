@@ -245,6 +245,7 @@ def test_merge_lora_equals_unmerged_adapters(config, pairs):
 # -- resumable training ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
+@pytest.mark.slow
 def test_resumed_training_equals_an_unbroken_run(config, pairs, tmp_path, lora_rank):
     prompts, targets = encode_batch(pairs)
     cfg = dict(lr=5e-3, batch=2, seed=3, warmup_steps=1, decay_steps=3, weight_decay=0.01, lora_rank=lora_rank,

@@ -150,6 +150,7 @@ def _gallery():
 
 
 @pytest.mark.parametrize("max_soft_tokens", [280, 70])
+@pytest.mark.slow
 def test_preprocessing_matches_gemma4_image_processor(max_soft_tokens):
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
@@ -322,6 +323,7 @@ def _mlx_tower(path):
 
 @pytest.mark.parametrize("which", ["vision_ckpt", "vision_ckpt_gqa"])
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
+@pytest.mark.slow
 def test_image_features_match_reference(request, which, backend):
     path = request.getfixturevalue(which)
     settings = ImageSettings(max_soft_tokens=70)
@@ -479,6 +481,7 @@ def vision_model_ckpt(vision_ckpt):
 
 
 @pytest.mark.parametrize("backend, chunk", [("cuda", None), ("mlx", None), ("cuda", 50), ("mlx", 50)])
+@pytest.mark.slow
 def test_prefill_and_denoise_with_images_match_reference(vision_model_ckpt, backend, chunk):
     """A padded batch of three: two images, one image, text only. K/V of every layer after the prefill and after
     a commit, and denoise logits (with and without self-conditioning), within 1e-4 of the reference. With prefill
@@ -539,6 +542,7 @@ def _reference_generate(path, encoded, settings, seeds, **kw):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
+@pytest.mark.slow
 def test_generation_with_images_equals_reference_tokens(vision_model_ckpt, backend):
     """Injected noise, a padded batch with one and with two images and a text-only row: the reference's tokens."""
     import dgemma
@@ -637,6 +641,7 @@ def test_cli_generate_with_images(vision_model_ckpt, tmp_path):
     _one_line_error(_cli("generate", "--chat", "--image", str(a), "-p", "x", "--max-new-tokens", "16"))  # no tower
 
 
+@pytest.mark.slow
 def test_mlx_loads_a_quantized_vision_tower(vision_ckpt, tmp_path):
     """A conversion that quantized the tower's linears (mlx-vlm does, at its default predicate) loads quantized in
     MLX, equal to quantizing the float tower in memory; the PyTorch backend, which runs the tower unquantized, says
@@ -719,6 +724,7 @@ def test_quantized_conversions_take_images(vision_model_ckpt, tmp_path, backend,
 
 
 @pytest.mark.parametrize("backend", ["cuda", "mlx"])
+@pytest.mark.slow
 def test_bf16_tower_is_as_close_as_the_reference_bf16(vision_ckpt_gqa, backend):
     """In bfloat16 (the released checkpoint's dtype) the tower's output is as close to the exact float32 result as
     the reference's own bfloat16 run is."""
