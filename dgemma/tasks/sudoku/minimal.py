@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .puzzles import (_BITS, _CHAR_OF_BIT, _FULL, _POPCOUNT, _UNIT_CELLS, _UNITS, MIN_GIVENS, RngLike, _as_random,
-                      _random_full_grid, _search, _State, count_solutions, parse, solve)
+                      _random_full_grid, _removable, _search, _State, count_solutions, parse, solve)
 
 __all__ = ["MAX_GIVENS", "generate_hard", "generate_hard_dataset", "givens_histogram", "is_minimal",
            "removable_givens", "solved_by_singles"]
@@ -41,35 +41,6 @@ __all__ = ["MAX_GIVENS", "generate_hard", "generate_hard_dataset", "givens_histo
 MAX_GIVENS = 26
 # Mixed into every dataset seed, so a hard dataset never shares its random streams with `generate_dataset`'s.
 _STREAM = 0x4D494E  # "MIN"
-
-
-def _removable(grid: list[int], rows: list[int], cols: list[int], boxes: list[int], empties: list[int],
-               i: int) -> bool:
-    """Whether filled cell i can be blanked with the puzzle keeping its unique solution (the filled cells of `grid`
-    are a unique puzzle whose solution has grid[i] at i). Leaves every list as it found it."""
-    bit = grid[i]
-    r, c, b = _UNITS[i]
-    rows[r] ^= bit
-    cols[c] ^= bit
-    boxes[b] ^= bit
-    grid[i] = 0
-    unique = True
-    for other in _BITS[(_FULL ^ (rows[r] | cols[c] | boxes[b])) & ~bit]:
-        rows[r] |= other
-        cols[c] |= other
-        boxes[b] |= other
-        solvable = _search(grid, rows, cols, boxes, empties, 0, 1, None, False)
-        rows[r] ^= other
-        cols[c] ^= other
-        boxes[b] ^= other
-        if solvable:
-            unique = False
-            break
-    rows[r] |= bit
-    cols[c] |= bit
-    boxes[b] |= bit
-    grid[i] = bit
-    return unique
 
 
 def _carve_hard(full, rng: random.Random, target: int | None) -> tuple[str, bool]:

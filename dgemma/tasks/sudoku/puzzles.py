@@ -404,6 +404,37 @@ def _random_full_grid(rng: random.Random) -> _State:
     return state
 
 
+def _removable(grid: list[int], rows: list[int], cols: list[int], boxes: list[int], empties: list[int],
+               i: int) -> bool:
+    """Whether filled cell i can be blanked with the puzzle keeping its unique solution (the filled cells of `grid`
+    are a unique puzzle whose solution has grid[i] at i). Leaves every list as it found it. The puzzle has one
+    solution (the full grid); without this cell it still has exactly one iff no solution puts another digit here, and
+    if no other digit even fits the cell's row/column/box that needs no search at all."""
+    bit = grid[i]
+    r, c, b = _UNITS[i]
+    rows[r] ^= bit
+    cols[c] ^= bit
+    boxes[b] ^= bit
+    grid[i] = 0
+    unique = True
+    for other in _BITS[(_FULL ^ (rows[r] | cols[c] | boxes[b])) & ~bit]:
+        rows[r] |= other
+        cols[c] |= other
+        boxes[b] |= other
+        solvable = _search(grid, rows, cols, boxes, empties, 0, 1, None, False)
+        rows[r] ^= other
+        cols[c] ^= other
+        boxes[b] ^= other
+        if solvable:
+            unique = False
+            break
+    rows[r] |= bit
+    cols[c] |= bit
+    boxes[b] |= bit
+    grid[i] = bit
+    return unique
+
+
 def _carve(full: _State, givens: int, rng: random.Random) -> str | None:
     """Blank cells of a complete grid in random order while the puzzle stays unique; the puzzle once exactly `givens`
     remain, or None when every cell has been tried and the puzzle is still larger (this grid and order cannot get
@@ -416,34 +447,15 @@ def _carve(full: _State, givens: int, rng: random.Random) -> str | None:
     for i in order:
         if filled == givens:
             break
-        bit = grid[i]
-        r, c, b = _UNITS[i]
-        rows[r] ^= bit
-        cols[c] ^= bit
-        boxes[b] ^= bit
-        grid[i] = 0
-        # The puzzle had one solution (the full grid). Without this cell it still has exactly one iff no solution puts
-        # another digit here; if no other digit even fits the cell's row/column/box, that needs no search at all.
-        unique = True
-        for other in _BITS[(_FULL ^ (rows[r] | cols[c] | boxes[b])) & ~bit]:
-            rows[r] |= other
-            cols[c] |= other
-            boxes[b] |= other
-            solvable = _search(grid, rows, cols, boxes, empties, 0, 1, None, False)
-            rows[r] ^= other
-            cols[c] ^= other
-            boxes[b] ^= other
-            if solvable:
-                unique = False
-                break
-        if unique:
+        if _removable(grid, rows, cols, boxes, empties, i):
+            bit = grid[i]
+            r, c, b = _UNITS[i]
+            rows[r] ^= bit
+            cols[c] ^= bit
+            boxes[b] ^= bit
+            grid[i] = 0
             empties.append(i)
             filled -= 1
-        else:
-            rows[r] |= bit
-            cols[c] |= bit
-            boxes[b] |= bit
-            grid[i] = bit
     if filled != givens:
         return None
     return "".join(_CHAR_OF_BIT.get(bit, BLANK) for bit in grid)
