@@ -1,8 +1,9 @@
-"""The two passes over a backend's batch cache, written once for every backend's model class (a mixin).
+"""The layer stack and the two passes over a backend's batch cache, written once for every backend's model class (a mixin).
 
 A model class supplies the framework pieces: `embed(ids)`, `as_activations(x)` (cast given embeddings to the
 activations' dtype), `rope(positions, dtype)` taking host int arrays [T] or [k, T], `decoder_input(canvas, soft)`,
-`run_layers(x, tables, layer_kv, scalar, keys_only_last)` and `norm`. Where the new tokens go and what each query sees
+`norm`, and `layers` whose items have `sliding`, `self_attn` (`project`, `attend`), the norms, `feed_forward` and the
+two layer scalars. Where the new tokens go and what each query sees
 comes from `dgemma.kvlayout` through the cache (`dgemma.kvcache.BatchKVCache`).
 """
 
@@ -22,6 +23,22 @@ def row_positions(starts: np.ndarray, T: int) -> np.ndarray:
 
 
 class CachePasses:
+    def run_layers(self, x, tables, layer_kv, scalar: str, keys_only_last: bool):
+        """The layer stack. `layer_kv(i, k, v) -> (keys, values, mask)` says what layer i's queries attend to (and
+        stores the new keys/values where the caller keeps them). With `keys_only_last` the last layer stops after its
+        keys and values: the encoder's last output feeds nothing the decoder reads."""
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            cos, sin = tables["sliding" if layer.sliding else "full"]
+            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
+            keys, values, mask = layer_kv(i, k, v)
+            if i == n - 1 and keys_only_last:
+                break
+            x = x + layer.post_attention_layernorm(attn.attend(q, keys, values, mask))
+            x = layer.feed_forward(x, getattr(layer, scalar))
+        return x
+
     def extend(self, cache, rows: slice, ids, new_valid: np.ndarray, input_embeds=None, image_blocks=None) -> None:
         """Causal encoder pass appending ids [k, T] to rows `rows` of the cache (a prompt chunk or a canvas)."""
         lay = extend_layout(cache.layout, rows, new_valid, image_blocks)

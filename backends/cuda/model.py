@@ -229,6 +229,7 @@ class Layer(nn.Module):
         super().__init__()
         h, eps = cfg.hidden_size, cfg.rms_norm_eps
         self.spec = spec
+        self.sliding = spec.sliding
         self.self_attn = Attention(cfg, spec)
         self.mlp = DenseMLP(h, cfg.intermediate_size)
         self.router = Router(cfg)
@@ -327,23 +328,7 @@ class DiffusionGemmaText(CachePasses, nn.Module):
         # With no previous logits the signal is exactly zero (MLP of a zero vector), so it is skipped.
         return rms_norm(x, None, self.cfg.rms_norm_eps)
 
-    def run_layers(self, x, tables, layer_kv, scalar: str, keys_only_last: bool):
-        """The layer stack. `layer_kv(i, k, v) -> (keys, values, mask)` says what layer i's queries attend to (and
-        stores the new keys/values where the caller keeps them). With `keys_only_last` the last layer stops after its
-        keys and values: the encoder's last output feeds nothing the decoder reads."""
-        n = len(self.layers)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            cos, sin = tables["sliding" if layer.spec.sliding else "full"]
-            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
-            keys, values, mask = layer_kv(i, k, v)
-            if i == n - 1 and keys_only_last:
-                break
-            x = x + layer.post_attention_layernorm(attn.attend(q, keys, values, mask))
-            x = layer.feed_forward(x, getattr(layer, scalar))
-        return x
-
-    # -- inference over the backend's batch cache: dgemma.passes.CachePasses (extend, decode_rows) ----------
+    # -- inference over the backend's batch cache: dgemma.passes.CachePasses (run_layers, extend, decode_rows)
     def as_activations(self, x):
         return torch.as_tensor(x).to(self.embed_tokens.weight.device, self.embed_tokens.weight.dtype)
 
@@ -370,7 +355,7 @@ class DiffusionGemmaText(CachePasses, nn.Module):
         W = self.cfg.sliding_window
 
         def layer_kv(i, k, v):
-            sliding = self.layers[i].spec.sliding
+            sliding = self.layers[i].sliding
             keep = min(cached, W - 1) if sliding else cached
             keys.append(k[:, :, cached - keep:cached].contiguous())
             values.append(v[:, :, cached - keep:cached].contiguous())

@@ -390,23 +390,7 @@ class DiffusionGemmaText(CachePasses, nn.Module):
         # With no previous logits the signal is exactly zero (MLP of a zero vector), so it is skipped.
         return rms_norm(x, None, self.cfg.rms_norm_eps)
 
-    def run_layers(self, x, tables, layer_kv, scalar: str, keys_only_last: bool):
-        """The layer stack. `layer_kv(i, k, v) -> (keys, values, mask)` says what layer i's queries attend to (and
-        stores the new keys/values where the caller keeps them). With `keys_only_last` the last layer stops after its
-        keys and values: the encoder's last output feeds nothing the decoder reads."""
-        n = len(self.layers)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            cos, sin = tables["sliding" if layer.sliding else "full"]
-            q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
-            keys, values, mask = layer_kv(i, k, v)
-            if i == n - 1 and keys_only_last:
-                break
-            x = x + layer.post_attention_layernorm(attn.attend(q, keys, values, mask))
-            x = layer.feed_forward(x, getattr(layer, scalar))
-        return x
-
-    # -- inference over the backend's batch cache: dgemma.passes.CachePasses (extend, decode_rows) ----------
+    # -- inference over the backend's batch cache: dgemma.passes.CachePasses (run_layers, extend, decode_rows)
     def as_activations(self, x):
         return (x if isinstance(x, mx.array) else mx.array(np.asarray(x))).astype(self.dtype)
 
