@@ -31,8 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .puzzles import (_BITS, _CHAR_OF_BIT, _FULL, _POPCOUNT, _UNIT_CELLS, _UNITS, MIN_GIVENS, RngLike, _as_random,
-                      _random_full_grid, _removable, _search, _State, count_solutions, parse, solve)
+from .puzzles import (_CHAR_OF_BIT, _FULL, _POPCOUNT, _UNIT_CELLS, _UNITS, MIN_GIVENS, RngLike, _as_random, _blank,
+                      _random_full_grid, _removable, _State, count_solutions, parse, solve)
 
 __all__ = ["MAX_GIVENS", "generate_hard", "generate_hard_dataset", "givens_histogram", "is_minimal",
            "removable_givens", "solved_by_singles"]
@@ -57,12 +57,7 @@ def _carve_hard(full, rng: random.Random, target: int | None) -> tuple[str, bool
             visited_all = False
             break
         if _removable(grid, rows, cols, boxes, empties, i):
-            bit = grid[i]
-            r, c, b = _UNITS[i]
-            rows[r] ^= bit
-            cols[c] ^= bit
-            boxes[b] ^= bit
-            grid[i] = 0
+            _blank(grid, rows, cols, boxes, i)
             empties.append(i)
             filled -= 1
     return "".join(_CHAR_OF_BIT.get(bit, ".") for bit in grid), visited_all

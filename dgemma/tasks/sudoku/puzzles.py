@@ -404,18 +404,33 @@ def _random_full_grid(rng: random.Random) -> _State:
     return state
 
 
-def _removable(grid: list[int], rows: list[int], cols: list[int], boxes: list[int], empties: list[int],
-               i: int) -> bool:
-    """Whether filled cell i can be blanked with the puzzle keeping its unique solution (the filled cells of `grid`
-    are a unique puzzle whose solution has grid[i] at i). Leaves every list as it found it. The puzzle has one
-    solution (the full grid); without this cell it still has exactly one iff no solution puts another digit here, and
-    if no other digit even fits the cell's row/column/box that needs no search at all."""
+def _blank(grid: list[int], rows: list[int], cols: list[int], boxes: list[int], i: int) -> int:
+    """Empty filled cell i (its digit leaves its row, column and box masks); returns the digit's bit."""
     bit = grid[i]
     r, c, b = _UNITS[i]
     rows[r] ^= bit
     cols[c] ^= bit
     boxes[b] ^= bit
     grid[i] = 0
+    return bit
+
+
+def _refill(grid: list[int], rows: list[int], cols: list[int], boxes: list[int], i: int, bit: int) -> None:
+    r, c, b = _UNITS[i]
+    rows[r] |= bit
+    cols[c] |= bit
+    boxes[b] |= bit
+    grid[i] = bit
+
+
+def _removable(grid: list[int], rows: list[int], cols: list[int], boxes: list[int], empties: list[int],
+               i: int) -> bool:
+    """Whether filled cell i can be blanked with the puzzle keeping its unique solution (the filled cells of `grid`
+    are a unique puzzle whose solution has grid[i] at i). Leaves every list as it found it. The puzzle has one
+    solution (the full grid); without this cell it still has exactly one iff no solution puts another digit here, and
+    if no other digit even fits the cell's row/column/box that needs no search at all."""
+    bit = _blank(grid, rows, cols, boxes, i)
+    r, c, b = _UNITS[i]
     unique = True
     for other in _BITS[(_FULL ^ (rows[r] | cols[c] | boxes[b])) & ~bit]:
         rows[r] |= other
@@ -428,10 +443,7 @@ def _removable(grid: list[int], rows: list[int], cols: list[int], boxes: list[in
         if solvable:
             unique = False
             break
-    rows[r] |= bit
-    cols[c] |= bit
-    boxes[b] |= bit
-    grid[i] = bit
+    _refill(grid, rows, cols, boxes, i, bit)
     return unique
 
 
@@ -448,12 +460,7 @@ def _carve(full: _State, givens: int, rng: random.Random) -> str | None:
         if filled == givens:
             break
         if _removable(grid, rows, cols, boxes, empties, i):
-            bit = grid[i]
-            r, c, b = _UNITS[i]
-            rows[r] ^= bit
-            cols[c] ^= bit
-            boxes[b] ^= bit
-            grid[i] = 0
+            _blank(grid, rows, cols, boxes, i)
             empties.append(i)
             filled -= 1
     if filled != givens:
