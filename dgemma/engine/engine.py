@@ -572,9 +572,7 @@ class Engine:
             confident = entropy[j] < s.confidence_threshold
             stable = s.stability_threshold == 0 or r.stable >= s.stability_threshold
             stop[j] = (confident and stable) or r.step >= s.max_denoising_steps
-        canvas = self._renoise(rows, canvas, out["accepted"], fresh)
-        if any(r.fast is not None for r in rows):
-            canvas, _ = self._hold_frozen(rows, canvas, argmax)
+        canvas = self._renoise(rows, canvas, out["accepted"], fresh)  # thaws what it re-noises (fast mode)
         host_argmax = self._judge(rows, argmax, stop)
         for j, r in enumerate(rows):
             if r.live:
