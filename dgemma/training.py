@@ -304,3 +304,44 @@ def write_checkpoint(folder: str | os.PathLike, config: dict, generation_config:
     if write_tokenizer is not None:
         write_tokenizer(folder)
     return folder
+
+
+def small_model_config(*, vocab_size: int, task: str, note: str, hidden_size: int, num_hidden_layers: int,
+                       num_experts: int, top_k_experts: int, moe_intermediate_size: int, intermediate_size: int,
+                       num_attention_heads: int, head_dim: int, canvas_length: int, sliding_window: int,
+                       max_position_embeddings: int, dtype: str = "float32", pad: int = 0, eos: int = 1,
+                       bos: int = 2) -> dict:
+    """config.json of a small DiffusionGemma-architecture model this project trains (the Sudoku and text models):
+    sliding-window layers with one full-attention layer last (as the reference forces), MoE plus a dense MLP in
+    every layer, tied soft-capped logits, self-conditioning; `task` is what the checkpoint declares."""
+    n = num_hidden_layers
+    text = {
+        "model_type": "diffusion_gemma_text", "vocab_size": vocab_size, "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size, "num_hidden_layers": n, "num_attention_heads": num_attention_heads,
+        "num_key_value_heads": max(1, num_attention_heads // 2), "head_dim": head_dim,
+        "layer_types": ["sliding_attention"] * (n - 1) + ["full_attention"],
+        "per_layer_config": {str(n - 1): {"head_dim": 2 * head_dim, "num_key_value_heads": 1}},
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+        },
+        "sliding_window": sliding_window, "rms_norm_eps": 1e-6, "num_experts": num_experts,
+        "top_k_experts": top_k_experts, "moe_intermediate_size": moe_intermediate_size,
+        "max_position_embeddings": max_position_embeddings, "hidden_activation": "gelu_pytorch_tanh",
+        "final_logit_softcapping": 30.0, "pad_token_id": pad, "eos_token_id": eos, "bos_token_id": bos,
+        "tie_word_embeddings": True, "use_bidirectional_attention": None, "attention_bias": False,
+        "attention_dropout": 0.0,
+    }
+    return {"architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
+            "canvas_length": canvas_length, "dtype": dtype, "eos_token_id": [eos], "pad_token_id": pad,
+            "tie_word_embeddings": True, "text_config": text, "dgemma_task": task, "_dgemma_note": note}
+
+
+def sampler_generation_config(max_new_tokens: int, max_denoising_steps: int = 32, pad: int = 0,
+                              eos: int = 1) -> dict:
+    """generation_config.json with the released sampler's settings (entropy bound 0.1, temperature 0.8 -> 0.4,
+    stability 1, confidence 0.005)."""
+    return {"max_denoising_steps": max_denoising_steps,
+            "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
+            "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1, "confidence_threshold": 0.005,
+            "eos_token_id": [eos], "pad_token_id": pad, "max_new_tokens": max_new_tokens}

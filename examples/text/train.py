@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dgemma.tokenizer import Tokenizer
+from dgemma.training import sampler_generation_config, small_model_config
 from dgemma.training import text_batch
 
 PAD, EOS, BOS = 0, 1, 2
@@ -45,35 +46,17 @@ def text_model_config(vocab_size: int, hidden_size: int = 128, num_hidden_layers
     layer last (as the reference forces), MoE plus a dense MLP in every layer, tied soft-capped logits,
     self-conditioning. The window (128 tokens) is shorter than a prompt plus canvas, so the sliding layers do see
     less than the full one."""
-    n = num_hidden_layers
-    text = {
-        "model_type": "diffusion_gemma_text", "vocab_size": vocab_size, "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size, "num_hidden_layers": n, "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": max(1, num_attention_heads // 2), "head_dim": head_dim,
-        "layer_types": ["sliding_attention"] * (n - 1) + ["full_attention"],
-        "per_layer_config": {str(n - 1): {"head_dim": 2 * head_dim, "num_key_value_heads": 1}},
-        "rope_parameters": {
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
-        },
-        "sliding_window": sliding_window, "rms_norm_eps": 1e-6, "num_experts": num_experts,
-        "top_k_experts": top_k_experts, "moe_intermediate_size": moe_intermediate_size,
-        "max_position_embeddings": 4096, "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 30.0,
-        "pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": BOS, "tie_word_embeddings": True,
-        "use_bidirectional_attention": None, "attention_bias": False, "attention_dropout": 0.0,
-    }
-    return {"architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
-            "canvas_length": canvas_length, "dtype": "float32", "eos_token_id": [EOS], "pad_token_id": PAD,
-            "tie_word_embeddings": True, "text_config": text, "dgemma_task": "text",
-            "_dgemma_note": "text model (examples/text/train.py)"}
+    return small_model_config(
+        vocab_size=vocab_size, task="text", note="text model (examples/text/train.py)", hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers, num_experts=num_experts, top_k_experts=top_k_experts,
+        moe_intermediate_size=moe_intermediate_size, intermediate_size=intermediate_size,
+        num_attention_heads=num_attention_heads, head_dim=head_dim, canvas_length=canvas_length,
+        sliding_window=sliding_window, max_position_embeddings=4096, pad=PAD, eos=EOS, bos=BOS)
 
 
 def text_generation_config(canvas_length: int, canvases: int = 3, max_denoising_steps: int = 32) -> dict:
     """generation_config.json: `canvases` canvases of new tokens by default, the released sampler's other settings."""
-    return {"max_denoising_steps": max_denoising_steps,
-            "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
-            "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1, "confidence_threshold": 0.005,
-            "eos_token_id": [EOS], "pad_token_id": PAD, "max_new_tokens": canvases * canvas_length}
+    return sampler_generation_config(canvases * canvas_length, max_denoising_steps, pad=PAD, eos=EOS)
 
 
 def read_documents(path: Path) -> list[str]:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ...engine import attempt_seed
+from ...training import sampler_generation_config, small_model_config
 from .minimal import generate_hard_dataset
 from .puzzles import IDENTITY, Symmetry, generate_dataset, is_valid_solution, parse, random_symmetry, violations
 
@@ -190,35 +191,17 @@ def sudoku_model_config(hidden_size: int = 128, num_hidden_layers: int = 6, num_
     Defaults: ~2.1M parameters. The sliding window (256) covers prompt + canvas, so every layer sees the puzzle."""
     if canvas_length < 82:
         raise ValueError(f"canvas_length must be at least 82 (81 digits + eos), got {canvas_length}")
-    n = num_hidden_layers
-    text = {
-        "model_type": "diffusion_gemma_text", "vocab_size": VOCAB_SIZE, "hidden_size": hidden_size,
-        "intermediate_size": intermediate_size, "num_hidden_layers": n, "num_attention_heads": num_attention_heads,
-        "num_key_value_heads": max(1, num_attention_heads // 2), "head_dim": head_dim,
-        "layer_types": ["sliding_attention"] * (n - 1) + ["full_attention"],
-        "per_layer_config": {str(n - 1): {"head_dim": 2 * head_dim, "num_key_value_heads": 1}},
-        "rope_parameters": {
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
-        },
-        "sliding_window": 256, "rms_norm_eps": 1e-6, "num_experts": num_experts, "top_k_experts": top_k_experts,
-        "moe_intermediate_size": moe_intermediate_size, "max_position_embeddings": 1024,
-        "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 30.0,
-        "pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": BOS, "tie_word_embeddings": True,
-        "use_bidirectional_attention": None, "attention_bias": False, "attention_dropout": 0.0,
-    }
-    return {"architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
-            "canvas_length": canvas_length, "dtype": dtype, "eos_token_id": [EOS], "pad_token_id": PAD,
-            "tie_word_embeddings": True, "text_config": text, "dgemma_task": "sudoku",
-            "_dgemma_note": "Sudoku model (dgemma.tasks.sudoku)"}
+    return small_model_config(
+        vocab_size=VOCAB_SIZE, task="sudoku", note="Sudoku model (dgemma.tasks.sudoku)", hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers, num_experts=num_experts, top_k_experts=top_k_experts,
+        moe_intermediate_size=moe_intermediate_size, intermediate_size=intermediate_size,
+        num_attention_heads=num_attention_heads, head_dim=head_dim, canvas_length=canvas_length, sliding_window=256,
+        max_position_embeddings=1024, dtype=dtype, pad=PAD, eos=EOS, bos=BOS)
 
 
 def sudoku_generation_config(canvas_length: int = CANVAS_LENGTH, max_denoising_steps: int = 32) -> dict:
     """generation_config.json: one canvas of new tokens (the whole grid), the released sampler's other defaults."""
-    return {"max_denoising_steps": max_denoising_steps,
-            "sampler_config": {"entropy_bound": 0.1, "_cls_name": "EntropyBoundSamplerConfig"},
-            "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1, "confidence_threshold": 0.005,
-            "eos_token_id": [EOS], "pad_token_id": PAD, "max_new_tokens": canvas_length}
+    return sampler_generation_config(canvas_length, max_denoising_steps, pad=PAD, eos=EOS)
 
 
 # ----------------------------------------------------------------------------------------------------------------
