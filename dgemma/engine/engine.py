@@ -290,14 +290,16 @@ class Engine:
             cache.copy_rows_from(cached, slice(0, 1), rows)
         job.cached_tokens = job.handle.cached_tokens = length
         self.counters["cached_tokens"] += length
-        for a, b in chunks:
+        for n, (a, b) in enumerate(chunks, 1):
             if b <= length:
                 continue
             self.backend.extend(cache, np.asarray([prompt[a:b]]), rows,
                                 input_embeds=None if embeds is None else embeds[None, a:b],
                                 image_blocks=None if blocks is None else blocks[None, a:b])
-            self.prompt_cache.insert(prompt[:b], self.backend.select_rows(cache, [0]), bounds[:bounds.index(b) + 1],
-                                     embeds, blocks)
+            # A snapshot copies the whole prefix, so keep O(log) of them: after 1, 2, 4, 8 ... chunks (a later prompt
+            # sharing k chunks reuses at least half of them) and the last two boundaries (a resent or extended prompt).
+            if n & (n - 1) == 0 or n >= len(chunks) - 1:
+                self.prompt_cache.insert(prompt[:b], self.backend.select_rows(cache, [0]), bounds[:n], embeds, blocks)
         return cache, [0] * len(job.prompts)
 
     # == canvases =====================================================================================================
