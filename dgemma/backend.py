@@ -55,7 +55,11 @@ class ArrayOps:
     def settle(self, *arrays) -> None:
         """Compute these now (a lazy framework evaluates them, so a tile's temporaries are freed before the next
         tile's are made); eager frameworks have nothing to do."""
-    compiled_step = None  # MLX: the whole sampler step as one compiled graph (see sampler.denoise_step)
+    # The whole sampler step in one call, where a backend has a faster form than the op-by-op program
+    # (sampler.step_with_temperature): MLX one compiled graph, PyTorch cache-sized chunks with one exp per element.
+    # Called as fused_step(logits, canvas, t, bound, uniforms, renoise, reuse=bool); with reuse the returned probs may
+    # live in a buffer the next call overwrites.
+    fused_step = None
 
     def entropy(self, log_probs, probs):
         """Shannon entropy per position, as torch.distributions.Categorical computes it (clamped log-probs)."""

@@ -52,12 +52,12 @@ def denoise_step(ops: ArrayOps, logits, canvas, *, steps_remaining: int, max_ste
                  owns_logits: bool = False) -> StepResult:
     """One sampler step on the decoder's logits [B, C, V]; `uniforms` [B, C] drive the categorical draw and
     `renoise_tokens` [B, C] replace every position not accepted. With `owns_logits` the backend may overwrite
-    `logits` (the scheduler passes the decoder's fresh output, which nothing else reads). A backend whose ops offer
-    `compiled_step` (MLX: the whole step as one compiled graph) runs that instead of the op-by-op version."""
+    `logits` (the engine passes the decoder's fresh output, which nothing else reads). A backend whose ops offer
+    `fused_step` (see ArrayOps) runs that instead of the op-by-op version."""
     t = temperature(steps_remaining, max_steps, t_min, t_max)
-    compiled = ops.compiled_step
-    if compiled is not None:
-        return StepResult(*compiled(logits, canvas, t, entropy_bound, uniforms, renoise_tokens))
+    fused = ops.fused_step
+    if fused is not None:
+        return StepResult(*fused(logits, canvas, t, entropy_bound, uniforms, renoise_tokens))
     return StepResult(*step_with_temperature(ops, logits, canvas, t, entropy_bound, uniforms, renoise_tokens,
                                              owns_logits))
 

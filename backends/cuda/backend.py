@@ -14,6 +14,7 @@ from dgemma.weights import check_weights
 from .cache import TorchBatchCache
 from .model import DiffusionGemmaText, expected_shapes, sanitize_name
 from .quantized import install_quantized_modules, quantization_kind
+from .sampling import ChunkedSampler
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -24,6 +25,7 @@ class TorchOps(ArrayOps):
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.fused_step = ChunkedSampler(self)
 
     def from_numpy(self, x):
         return torch.as_tensor(np.asarray(x)).to(self.device, non_blocking=True)
@@ -275,7 +277,8 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def lm_logits(self, hidden):
-        return self.model.logits(hidden)
+        # The engine consumes these logits within the pass, so they live in buffers reused by the next pass.
+        return self.model.logits(hidden, workspace=self.ops.fused_step.workspace)
 
     @torch.inference_mode()
     def soft_embedding(self, probs):

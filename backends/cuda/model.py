@@ -305,10 +305,18 @@ class DiffusionGemmaText(CachePasses, nn.Module):
             out[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return out
 
-    def logits(self, h, inplace: bool = True):
+    def logits(self, h, inplace: bool = True, workspace=None):
         """Float32 soft-capped logits. In place (three passes over B x C x V floats without allocating) unless
-        gradients must flow: autograd needs tanh's output intact."""
-        x = F.linear(h, self.embed_tokens.weight).float()
+        gradients must flow: autograd needs tanh's output intact. With a `workspace` (sampling.Workspace) the result
+        lives in its buffers, which the next call overwrites."""
+        w = self.embed_tokens.weight
+        if workspace is None:
+            x = F.linear(h, w).float()
+        else:
+            shape = (*h.shape[:-1], w.shape[0])
+            x = torch.matmul(h, w.t(), out=workspace.get("logits", shape, h, w.dtype))
+            if x.dtype != torch.float32:
+                x = workspace.get("logits32", shape, h).copy_(x)
         cap = self.cfg.final_logit_softcapping
         if cap is not None:
             x = x.div_(cap).tanh_().mul_(cap) if inplace else torch.tanh(x / cap) * cap

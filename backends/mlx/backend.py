@@ -49,7 +49,7 @@ def _compile_step(ops):
 
     compiled = mx.compile(step)
 
-    def run(logits, canvas, t, bound, uniforms, renoise):
+    def run(logits, canvas, t, bound, uniforms, renoise, reuse: bool = False):  # lazy arrays: nothing to reuse
         return compiled(logits, canvas, mx.array(t, dtype=mx.float32), mx.array(bound, dtype=mx.float32),
                         uniforms, renoise)
 
@@ -65,7 +65,7 @@ class MLXOps(ArrayOps):
 
     def __init__(self):
         self._pending: list = []
-        self.compiled_step = _compile_step(self)
+        self.fused_step = _compile_step(self)
 
     def defer_check(self, ok, message: str) -> None:
         self._pending.append((ok, message))

@@ -522,9 +522,9 @@ class Engine:
             t, bound = self._schedule(tile_rows, None if spent is None else spent[tile])
             one = tile == slice(0, len(rows))
             pick = (lambda x: x) if one else (lambda x: x[tile])
-            step = ops.compiled_step
+            step = ops.fused_step
             if step is not None:
-                res = step(logits, pick(canvas), t, bound, pick(uniforms), pick(fresh))
+                res = step(logits, pick(canvas), t, bound, pick(uniforms), pick(fresh), reuse=True)
             else:
                 res = step_with_temperature(ops, logits, pick(canvas), t, bound, pick(uniforms), pick(fresh),
                                             owns_logits=True)
