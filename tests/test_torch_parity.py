@@ -161,3 +161,17 @@ def test_stream_yields_each_canvas(random_default):
     assert sum(len(c.token_ids) for c in chunks) == 70
     assert [t for c in chunks for t in c.token_ids] == full.token_ids
     assert "".join(c.text for c in chunks) == full.text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 17, 64), (2, 9, 4, 16), (5, 2816)])
+def test_fused_rms_norm_is_the_reference_formula_bit_for_bit(dtype, shape):
+    from dgemma.backends.cuda.model import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g).to(dtype), torch.randn(shape[-1], generator=g).to(dtype)
+    for weight in (w, None):
+        h = x.float()
+        want = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + 1e-6, -0.5)
+        want = (want if weight is None else want * weight.float()).type_as(x)
+        assert torch.equal(rms_norm(x, weight, 1e-6), want)

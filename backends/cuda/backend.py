@@ -14,7 +14,7 @@ from dgemma.weights import check_weights
 from .cache import TorchBatchCache
 from .model import DiffusionGemmaText, expected_shapes, sanitize_name
 from .quantized import install_quantized_modules, quantization_kind
-from .sampling import ChunkedSampler
+from .sampling import ChunkedSampler, inverse_cdf
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -114,10 +114,7 @@ class TorchOps(ArrayOps):
         return torch.stack(rows)
 
     def sample_categorical(self, probs, uniforms):
-        cdf = torch.cumsum(probs, dim=-1)
-        target = (uniforms * cdf[..., -1]).unsqueeze(-1).to(cdf.dtype)
-        idx = torch.searchsorted(cdf.contiguous(), target.contiguous()).squeeze(-1)
-        return idx.clamp_(max=probs.shape[-1] - 1)
+        return inverse_cdf(torch.cumsum(probs, dim=-1), uniforms)
 
 
 class TorchRowNoise:

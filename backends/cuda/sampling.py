@@ -5,16 +5,12 @@ a softmax of the log-probs, a clamp, a product and a sum for the entropy, an arg
 for the categorical draw: ten passes over [B, C, V] float32 arrays, four of them freshly allocated. At V = 262144 and
 C = 256 each array is 268 MB, so a CPU spends the step streaming memory and faulting in new pages.
 
-Here the positions are taken a chunk at a time, sized to stay in the CPU's cache, and each chunk goes through the same
-mathematics with one exp per element: processed = logits / t; one max pass gives the max and the argmax; probs =
-exp(processed - max) / sum; log-probs = processed - (max + log sum); entropy = -<clamp(log-probs), probs>. The draw
-is inverse-CDF in two levels: the cumulative mass of blocks of about sqrt(V) tokens finds the block, a cumsum inside
-that block finds the token, so no [C, V] cumsum is written. Only `probs` is written to memory (the next pass's
-self-conditioning needs it), into a buffer reused from pass to pass when the caller allows it.
-
-The results are the reference's up to float rounding: the same argmax, entropies and probabilities to a few ulps,
-and the same token for every uniform that does not fall within rounding of a CDF boundary; tests hold it to the
-reference's decisions on the same logits.
+Here the positions are taken a chunk at a time, sized to stay in the CPU's cache, and each chunk goes through the
+reference's own operations, one row at a time, in a buffer reused for every chunk: the passes hit the cache instead of
+memory and nothing is allocated per pass. Every value is the op-by-op step's bit for bit (each operation reduces along
+a row, so a chunk of rows computes what the whole array does; tests check it), the draw included: its CDF is the
+row's cumsum in order, as the reference's. Only `probs` is written to memory (the next pass's self-conditioning needs
+it), into a buffer reused from pass to pass when the caller allows it.
 """
 
 from __future__ import annotations
@@ -29,26 +25,11 @@ FLOAT32_MIN = torch.finfo(torch.float32).min
 CPU_CHUNK_BYTES = 4 << 20  # one chunk of processed logits: fits the L2/L3 cache beside its probs
 
 
-def block_size(vocab: int) -> int:
-    """The divisor of `vocab` nearest above sqrt(vocab) (the whole vocabulary when it has none below 4096)."""
-    for k in range(math.isqrt(vocab), min(vocab, 4096) + 1):
-        if k and vocab % k == 0:
-            return k
-    return vocab
-
-
-def draw(probs: torch.Tensor, uniforms: torch.Tensor, block: int) -> torch.Tensor:
-    """Inverse-CDF draw per row of probs [n, V] at uniforms [n]: the first token whose cumulative mass reaches
-    u * total. Never a zero-probability token: the target is clamped into the chosen block's positive mass."""
-    n, V = probs.shape
-    blocks = probs.view(n, V // block, block)
-    cum_blocks = blocks.sum(-1).cumsum_(-1)
-    target = uniforms.to(probs.dtype).unsqueeze(-1) * cum_blocks[:, -1:]
-    b = torch.searchsorted(cum_blocks, target).clamp_(max=V // block - 1)
-    before = torch.where(b > 0, cum_blocks.gather(-1, (b - 1).clamp_(min=0)), 0.0)
-    inside = blocks.gather(1, b.unsqueeze(-1).expand(n, 1, block)).squeeze(1).cumsum_(-1)
-    rest = torch.minimum((target - before).clamp_(min=torch.finfo(probs.dtype).tiny), inside[:, -1:])
-    return (b * block + torch.searchsorted(inside, rest).clamp_(max=block - 1)).squeeze(-1)
+def inverse_cdf(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """The first token whose cumulative mass reaches u * total, per row of cdf [..., V]: the reference's draw (its
+    multinomial, with the tests' injected uniforms), which reads the cumsum of the whole row in order."""
+    target = (uniforms * cdf[..., -1]).unsqueeze(-1).to(cdf.dtype)
+    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 class Workspace:
@@ -99,12 +80,13 @@ class ChunkedSampler:
         entropy = torch.empty(N, device=x.device)
         argmax = torch.empty(N, dtype=torch.long, device=x.device)
         sampled = torch.empty(N, dtype=torch.long, device=x.device)
-        block = block_size(V)
         for a in range(0, N, rows):
             b = min(a + rows, N)
             t = temps if not torch.is_tensor(temps) else temps[a:b]
             entropy[a:b], argmax[a:b] = self._softmax_chunk(x[a:b], t, work[: b - a], probs[a:b])
-            sampled[a:b] = draw(probs[a:b], uniforms[a:b], block)
+            # The cumsum goes through the chunk's buffer, in the row's order: the reference's CDF bit for bit (at
+            # V = 32768 a CDF summed in any other order moves by a third of a flat row's token width).
+            sampled[a:b] = inverse_cdf(torch.cumsum(probs[a:b], -1, out=work[: b - a]), uniforms[a:b])
         return entropy, argmax, sampled
 
     @staticmethod
