@@ -122,6 +122,8 @@ from dgemma.sampler import step_with_temperature  # noqa: E402
 def test_chunked_sampler_is_the_op_by_op_step_bit_for_bit(chunk_rows, per_row_t):
     x = logits_batch(3, V=4096, spread=0.2)  # flat rows too, where a CDF summed in another order draws otherwise
     x[1, 5, 17:] = float("-inf")  # a constrained position: only 17 tokens allowed
+    x[2, 0] = 1.5  # a flat row: every token ties for the argmax
+    x[2, 1, [9, 700, 4000]] = 99.0  # a tie between three tokens: the first wins
     g = torch.Generator().manual_seed(9)
     canvas, fresh = torch.randint(0, 4096, (3, 64), generator=g), torch.randint(0, 4096, (3, 64), generator=g)
     u = torch.rand(3, 64, generator=g)
