@@ -14,7 +14,7 @@ from dgemma.weights import check_weights
 from .cache import TorchBatchCache
 from .model import DiffusionGemmaText, expected_shapes, sanitize_name
 from .quantized import install_quantized_modules, quantization_kind
-from .sampling import ChunkedSampler, inverse_cdf
+from .sampling import ChunkedSampler, Workspace, inverse_cdf
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -25,6 +25,7 @@ class TorchOps(ArrayOps):
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.workspace = Workspace()  # the vocabulary-sized buffers kept between passes (logits, probs)
         self.fused_step = ChunkedSampler(self)
 
     def from_numpy(self, x):
@@ -275,7 +276,7 @@ class TorchBackend(Backend):
     @torch.inference_mode()
     def lm_logits(self, hidden):
         # The engine consumes these logits within the pass, so they live in buffers reused by the next pass.
-        return self.model.logits(hidden, workspace=self.ops.fused_step.workspace)
+        return self.model.logits(hidden, workspace=self.ops.workspace)
 
     @torch.inference_mode()
     def soft_embedding(self, probs):

@@ -56,9 +56,9 @@ class ChunkedSampler:
     them within the pass); logits are never written."""
 
     def __init__(self, ops, chunk_bytes: int = CPU_CHUNK_BYTES):
-        self.ops = ops  # the backend's TorchOps, for the acceptance rule written once in dgemma.sampler
+        self.ops = ops  # the backend's TorchOps: the acceptance rule written once in dgemma.sampler, its workspace
         self.chunk_bytes = chunk_bytes
-        self.workspace = Workspace()
+        self.workspace = ops.workspace
         self._ramps: dict = {}
 
     @torch.inference_mode()  # the workspace's buffers are inference tensors, written in place on every call
