@@ -61,6 +61,9 @@ class ArrayOps:
     # live in a buffer the next call overwrites.
     fused_step = None
 
+    def release_buffers(self) -> None:
+        """Free the buffers a backend keeps from pass to pass (the engine calls this when it falls idle)."""
+
     def entropy(self, log_probs, probs):
         """Shannon entropy per position, as torch.distributions.Categorical computes it (clamped log-probs)."""
         return -self.sum(self.clamp_min(log_probs, FLOAT32_MIN) * probs)

@@ -146,3 +146,23 @@ def test_chunked_sampler_reuses_its_probs_buffer_only_when_asked():
     assert a.data_ptr() == b.data_ptr()
     c, d = sampler(x, *args)[2], sampler(x, *args)[2]
     assert c.data_ptr() != d.data_ptr() and torch.equal(c, d)
+
+
+def test_engine_reuses_the_vocabulary_buffers_between_passes_and_frees_them_when_idle(tiny_ckpt):
+    import dgemma
+
+    model = dgemma.load(tiny_ckpt, backend="cuda")
+    seen, original = [], model.backend.lm_logits
+
+    def spy(hidden):
+        out = original(hidden)
+        seen.append({role: b.data_ptr() for role, b in model.backend.ops.workspace._buffers.items()} | {
+            "returned": out.data_ptr()})
+        return out
+
+    model.backend.lm_logits = spy
+    model.generate(list(range(5, 25)), seed=0, max_new_tokens=32, max_denoising_steps=6, eos_token_ids=[])
+    # From the second pass on (the first makes the sampler's buffers) every pass uses the same buffers.
+    assert len(seen) >= 3 and {"logits", "probs", "chunk"} <= set(seen[1]) and all(s == seen[1] for s in seen[2:])
+    assert seen[1]["returned"] == seen[1]["logits"]
+    assert model.backend.ops.workspace._buffers == {}

@@ -28,6 +28,9 @@ class TorchOps(ArrayOps):
         self.workspace = Workspace()  # the vocabulary-sized buffers kept between passes (logits, probs)
         self.fused_step = ChunkedSampler(self)
 
+    def release_buffers(self) -> None:
+        self.workspace.clear()
+
     def from_numpy(self, x):
         return torch.as_tensor(np.asarray(x)).to(self.device, non_blocking=True)
 

@@ -48,6 +48,9 @@ class Workspace:
             buf = self._buffers[role] = torch.empty(n, dtype=dtype, device=like.device)
         return buf[:n].view(shape)
 
+    def clear(self) -> None:
+        self._buffers.clear()
+
 
 class ChunkedSampler:
     """`fused_step(logits, canvas, t, bound, uniforms, renoise, reuse=False)`: the sampler step of

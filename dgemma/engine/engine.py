@@ -121,6 +121,8 @@ class Engine:
         if any(r.live for r in self.rows):
             self._pass()
         self._finish_canvases()
+        if not self.busy:
+            self.ops.release_buffers()  # an idle engine holds no vocabulary-sized buffers
         return self.events
 
     # == validation ===================================================================================================
