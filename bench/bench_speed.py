@@ -66,6 +66,7 @@ class PassMeter:
     def __init__(self):
         self.widths: list[int] = []
         self.actives: list[float] = []
+        self.rows: list[int] = []  # rows computed by each pass (live or idle)
 
     @contextlib.contextmanager
     def watching(self):
@@ -76,6 +77,7 @@ class PassMeter:
             got = original(engine, rows)
             C = engine.cfg.canvas_length
             live = [j for j, r in enumerate(rows) if r.live]
+            meter.rows.append(len(rows))
             if got is None:
                 meter.widths.append(C)
                 meter.actives.append(float(C))
@@ -95,7 +97,8 @@ class PassMeter:
         if not self.widths:
             return {"passes": 0, "width": float("nan"), "active": float("nan")}
         return {"passes": len(self.widths), "width": float(np.mean(self.widths)),
-                "active": float(np.mean(self.actives))}
+                "active": float(np.mean(self.actives)),
+                "forwarded": int(np.dot(self.widths, self.rows))}  # positions the decoder ran over, padding included
 
 
 def fast_policy(text: str) -> FastPolicy:
@@ -361,7 +364,8 @@ def sudoku_cell(model, puzzles, policy, constraints):
     wall = time.perf_counter() - t0
     m = meter.summary()
     return {"solved": float(np.mean([r.solved for r in res])), "mean_steps": float(np.mean([r.steps for r in res])),
-            "s_per_puzzle": wall / len(puzzles), "width": m["width"], "active": m["active"]}
+            "s_per_puzzle": wall / len(puzzles), "width": m["width"], "active": m["active"],
+            "forwarded_per_puzzle": m.get("forwarded", 0) / len(puzzles)}
 
 
 def section_sudoku(results):
@@ -386,15 +390,16 @@ def section_sudoku(results):
                       file=sys.stderr, flush=True)
     exact = {(r["difficulty"], r["mode"]): r for r in rows if r["policy"] == "exact"}
     print("\n| difficulty | mode | policy | solved % | vs exact (points) | mean steps | s / puzzle | speed-up "
-          "| forwarded / pass (active / row) |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+          "| forwarded / pass (active / row) | forwarded / puzzle | work vs exact |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         e = exact[(r["difficulty"], r["mode"])]
         r["delta_points"] = 100 * (r["solved"] - e["solved"])
         r["speedup"] = e["s_per_puzzle"] / r["s_per_puzzle"]
         print(f"| {r['difficulty']} | {r['mode']} | {r['policy']} | {100 * r['solved']:.1f} | {r['delta_points']:+.1f} "
               f"| {r['mean_steps']:.1f} | {r['s_per_puzzle']:.3f} | {r['speedup']:.2f}x "
-              f"| {r['width']:.1f} ({r['active']:.1f}) |")
+              f"| {r['width']:.1f} ({r['active']:.1f}) | {r['forwarded_per_puzzle']:.0f} "
+              f"| {r['forwarded_per_puzzle'] / e['forwarded_per_puzzle']:.2f} |")
     results["sudoku"] = rows
 
 

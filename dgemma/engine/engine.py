@@ -320,7 +320,7 @@ class Engine:
             if row.fast is not None:
                 row.frozen, row.just_froze = np.zeros(C, bool), np.zeros(C, bool)
                 row.frozen_tokens, row.settle = np.zeros(C, np.int64), np.zeros(C, np.int64)
-                row.pos_entropy, row.prev_argmax = np.zeros(C, np.float64), None
+                row.pos_entropy, row.prev_argmax, row.check_next = np.zeros(C, np.float64), None, False
             if start is None:
                 row.steps = 0
         self._batch = None
@@ -391,7 +391,7 @@ class Engine:
                 actives.append(None)
                 continue
             p = r.fast
-            if p is None or r.frozen is None or not r.frozen.any() or (
+            if p is None or r.frozen is None or not r.frozen.any() or r.check_next or (
                     p.refresh_every and (r.step + 1) % p.refresh_every == 0):
                 return None
             actives.append(~r.frozen | r.just_froze)
@@ -453,11 +453,12 @@ class Engine:
                 idx, used = positions
                 r.pos_entropy[idx[j][used[j]]] = ent[j][used[j]]
             p = r.fast
-            if positions is None and p.refresh_every and (r.step + 1) % p.refresh_every == 0:
-                # a refresh pass saw every position anew: a frozen one whose argmax moved is denoised again
-                moved = r.frozen & (host_argmax[j] != r.frozen_tokens)
-                r.frozen &= ~moved
-                r.settle[moved] = 0
+            if positions is None:
+                # a full pass saw every position anew: a frozen one whose argmax moved, or that is no longer sure, is
+                # denoised again (its stale keys/values had kept its neighbours from seeing it was wrong)
+                thaw = r.frozen & ((host_argmax[j] != r.frozen_tokens) | (r.pos_entropy >= p.freeze_entropy))
+                r.frozen &= ~thaw
+                r.settle[thaw] = 0
             now = np.where(r.frozen, r.frozen_tokens, host_argmax[j])
             same = now == r.prev_argmax if r.prev_argmax is not None else np.zeros_like(r.frozen)
             r.settle = np.where(same & (r.pos_entropy < r.fast.freeze_entropy), r.settle + 1, 0)
@@ -468,6 +469,16 @@ class Engine:
             means[j] = r.pos_entropy.mean()
         out["entropy"] = means
         out["canvas"], out["argmax"] = self._hold_frozen(rows, out["canvas"], out["argmax"])
+
+    def _stop_on_full_passes(self, rows: list[Row], stop: np.ndarray, entropy, forwarded) -> None:
+        """A fast row stops only on a full pass (or at its last step): on a partial one the frozen positions'
+        entropies and keys/values are stale, and trusting them stopped Sudoku canvases early and wrong (issue 19). A
+        partial pass that looks confident makes the row's next pass full, where the stopping rule is exact's."""
+        for j, r in enumerate(rows):
+            if r.live and r.fast is not None:
+                partial = forwarded is not None and r.step < r.job.settings.max_denoising_steps
+                r.check_next = partial and entropy[j] < r.job.settings.confidence_threshold
+                stop[j] &= not partial
 
     def _hold_frozen(self, rows: list[Row], canvas, argmax):
         """Frozen positions keep the token they froze with, in the canvas and in the argmax canvas."""
@@ -576,6 +587,7 @@ class Engine:
             confident = entropy[j] < s.confidence_threshold
             stable = s.stability_threshold == 0 or r.stable >= s.stability_threshold
             stop[j] = (confident and stable) or r.step >= s.max_denoising_steps
+        self._stop_on_full_passes(rows, stop, entropy, out.get("forwarded"))
         canvas = self._renoise(rows, canvas, out["accepted"], fresh)  # thaws what it re-noises (fast mode)
         host_argmax = self._judge(rows, argmax, stop)
         for j, r in enumerate(rows):

@@ -54,8 +54,9 @@ class FastPolicy:
     entropy under `freeze_entropy` for `freeze_after` passes freezes: it keeps that token, its keys/values stay in
     the cache's canvas slots, and it is no longer forwarded (it is forwarded once more, on the pass after it
     froze, so its keys/values reflect the final token). Every `refresh_every`-th pass of a canvas forwards every
-    position (0: never), and a frozen position whose argmax moved there is denoised again. The stopping rule and the
-    commit pass are exact."""
+    position (0: never). A canvas stops only on a full pass: a partial pass that looks confident makes the next one
+    full, where the stopping rule is exact's. On every full pass a frozen position whose argmax moved, or whose
+    entropy rose to `freeze_entropy`, is denoised again. The commit pass is exact."""
 
     freeze_after: int = 2
     freeze_entropy: float = 0.05

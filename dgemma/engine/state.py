@@ -47,6 +47,7 @@ class Row:
     settle: Any = None              # host int [C]: passes each position's argmax has stayed the same and confident
     pos_entropy: Any = None         # host float [C]: each position's entropy when it was last forwarded
     prev_argmax: Any = None         # host int [C]: the last pass's argmax canvas
+    check_next: bool = False        # fast mode: the next pass forwards every position (a partial one looked confident)
 
 
 @dataclass(eq=False)
