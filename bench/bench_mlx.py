@@ -4,12 +4,16 @@
 
 Prints, for both: one denoising step (decoder pass + logits, evaluated) and one whole generation, their ratio, and
 whether the two produce the same logits for the same cache and canvas (and how far each is from transformers'
-reference when transformers is installed). Needs mlx, mlx-vlm and transformers (to write the random checkpoint).
+reference when transformers is installed). For dgemma also the same timings with its decoder pass uncompiled (the
+core's op-by-op pass: the before/after of mx.compile in one run) and how many times the compiled pass was traced.
+Needs mlx, mlx-vlm and transformers (to write the random checkpoint).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -64,6 +68,19 @@ class FakeTokenizer:
         self.stopping_criteria = _Stop(eos)
 
 
+@contextlib.contextmanager
+def uncompiled_pass(model):
+    """dgemma's decoder pass as the core writes it (dgemma.passes.CachePasses.decode_rows, op by op), for the
+    before/after of the compiled pass in one run."""
+    from dgemma.passes import CachePasses
+
+    model.decode_rows = functools.partial(CachePasses.decode_rows, model)
+    try:
+        yield
+    finally:
+        del model.decode_rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--hidden", type=int, default=256)
@@ -108,9 +125,10 @@ def main():
         mx.eval(be.denoise(state, canvas))
 
     probs = mx.softmax(ours, axis=-1)
+    soft = be.soft_embedding(probs)  # made once, as mlx-vlm's step below gets its embeddings made once
 
     def our_step_sc():
-        mx.eval(be.denoise(state, canvas, self_conditioning_probs=probs))
+        mx.eval(be.denoise(state, canvas, self_conditioning=soft))
 
     kw = dict(max_new_tokens=args.new, max_denoising_steps=args.steps, eos_token_ids=[], pad_token_id=0)
 
@@ -189,14 +207,18 @@ def main():
     # -- timings ------------------------------------------------------------------------------------------------
     t_ours, t_theirs = timeit(our_step, args.reps), timeit(vlm_step, args.reps)
     t_ours_sc, t_theirs_sc = timeit(our_step_sc, args.reps), timeit(vlm_step_sc, args.reps)
+    with uncompiled_pass(be.model):
+        t_core, t_core_sc = timeit(our_step, args.reps), timeit(our_step_sc, args.reps)
     print(f"\none denoising step (decoder + logits), median of {args.reps}:")
     print(f"  no SC:   dgemma {t_ours * 1e3:8.2f} ms   mlx-vlm {t_theirs * 1e3:8.2f} ms   "
-          f"ratio mlx-vlm/dgemma {t_theirs / t_ours:.2f}x")
+          f"ratio mlx-vlm/dgemma {t_theirs / t_ours:.2f}x   (dgemma uncompiled pass {t_core * 1e3:.2f} ms)")
     print(f"  with SC: dgemma {t_ours_sc * 1e3:8.2f} ms   mlx-vlm {t_theirs_sc * 1e3:8.2f} ms   "
-          f"ratio {t_theirs_sc / t_ours_sc:.2f}x")
+          f"ratio {t_theirs_sc / t_ours_sc:.2f}x   (dgemma uncompiled pass {t_core_sc * 1e3:.2f} ms)")
     gen = our_generate()
     passes = gen.stats.decoder_passes
     t_g_ours = timeit(our_generate, max(1, args.reps // 2))
+    with uncompiled_pass(be.model):
+        t_g_core = timeit(our_generate, max(1, args.reps // 2))
     stats = {}
     vlm.generate(ids, tokenizer=tok, processor=tok, gen_length=args.new, max_denoising_steps=args.steps,
                  temperature=1.0, diffusion_sampler="entropy-bound", diffusion_full_canvas=True, stats=stats)
@@ -204,10 +226,13 @@ def main():
     t_g_theirs = timeit(vlm_generate, max(1, args.reps // 2))
     print(f"whole generation ({args.new} new tokens, <= {args.steps} steps/canvas, incl. prefill):")
     print(f"  dgemma  {t_g_ours:7.3f} s  ({passes} decoder passes, {t_g_ours / passes * 1e3:.2f} ms/pass)")
+    print(f"  dgemma, uncompiled pass {t_g_core:7.3f} s  ({t_g_core / passes * 1e3:.2f} ms/pass)")
     print(f"  mlx-vlm {t_g_theirs:7.3f} s  ({v_passes} decoder passes, "
           f"{t_g_theirs / max(v_passes, 1) * 1e3:.2f} ms/pass)")
     print(f"  ratio mlx-vlm/dgemma: {t_g_theirs / t_g_ours:.2f}x total, "
           f"{(t_g_theirs / max(v_passes, 1)) / (t_g_ours / passes):.2f}x per pass")
+    # dgemma compiles its decoder pass once per shape bucket: the traces stay few over every pass timed above
+    print(f"  dgemma decoder traces over all of the above: {be.model.decoder_traces}")
 
 
 if __name__ == "__main__":

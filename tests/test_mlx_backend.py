@@ -23,7 +23,8 @@ from reference import Oracle, injected_noise, load_reference, make_checkpoint, p
 from dgemma.backends.cuda.backend import TorchOps  # noqa: E402
 from dgemma.backends.mlx import MLXBackend, quantize_model  # noqa: E402
 from dgemma.backends.mlx.backend import MLXOps  # noqa: E402
-from dgemma.backends.mlx.model import DiffusionGemmaText, QuantizedSwitchLinear  # noqa: E402
+from dgemma.backends.mlx.model import DiffusionGemmaText, QuantizedSwitchLinear, span_bucket  # noqa: E402
+from dgemma.passes import CachePasses  # noqa: E402
 
 
 # -- fixtures: one random checkpoint per kind, written once per module ------------------------------------------------
@@ -252,6 +253,58 @@ def test_one_eval_per_step(tiny_mlx, monkeypatch):
     assert calls["eval"] == 0
     tiny_mlx.backend.ops.to_numpy(mx.sum(out2))
     assert calls["eval"] == 1
+
+
+# -- the compiled decoder pass -----------------------------------------------------------------------------------
+def test_span_buckets_are_few_and_tight():
+    """Cache lengths map to multiples of 64 up to 1024, then to eight read sizes per octave: a read is less than 64
+    or an eighth longer than the cache, and 8192 lengths need 40 sizes."""
+    sizes = [span_bucket(n) for n in range(1, 8193)]
+    assert all(n <= b < n + max(64, n / 8) for n, b in enumerate(sizes, 1))
+    assert len(set(sizes)) == 16 + 8 * 3  # 64, 128, ..., 1024, then eight per octave from 1024 to 8192
+
+
+def test_decoder_traces_once_per_shape_bucket(tiny):
+    """A generation of six canvases (24 decoder passes) traces the decoder twice (a canvas's first pass has no
+    self-conditioning) per read bucket its cache crosses, not per canvas or pass; the same generation again traces
+    nothing."""
+    model = dgemma.load(tiny, backend="mlx")
+    prompt, C, canvases = list(range(5, 25)), model.config.canvas_length, 6
+    kw = dict(max_new_tokens=canvases * C, max_denoising_steps=4, eos_token_ids=[])
+    out = model.generate(prompt, seed=0, **kw)
+    assert out.stats.decoder_passes == 4 * canvases
+    buckets = {span_bucket(len(prompt) + (c + 1) * C) for c in range(canvases)}
+    traces = model.backend.model.decoder_traces
+    assert 1 <= traces <= 2 * len(buckets) < canvases
+    model.generate(prompt, seed=1, **kw)
+    assert model.backend.model.decoder_traces == traces
+
+
+def test_compiled_fast_pass_matches_the_core_pass(tiny):
+    """A fast pass (some canvas positions forwarded, widths padded up to a bucket, self-conditioning on) gives the
+    core's uncompiled pass's hidden states and cache writes, on a padded batch; widths 3, 5 and 7 share one trace."""
+    model = dgemma.load(tiny, backend="mlx")
+    be, m = model.backend, model.backend.model
+    ids, mask = padded([list(range(5, 25)), list(range(40, 53))])
+    rng = np.random.default_rng(0)
+    C, H = model.config.canvas_length, model.config.hidden_size
+    canvas = rng.integers(0, model.config.vocab_size, (2, C))
+    for width in (3, 5, 7):
+        ours, core = (be.prefill(ids.numpy(), mask.numpy()) for _ in range(2))
+        for c in (ours, core):  # an exact pass first: every canvas slot holds keys and values
+            CachePasses.decode_rows(m, c, slice(0, 2), mx.array(canvas.astype(np.int32)))
+        idx = np.sort(np.stack([rng.choice(C, width, replace=False) for _ in range(2)]), axis=1)
+        sub = mx.array(np.take_along_axis(canvas, idx, 1).astype(np.int32))
+        soft = mx.array(rng.normal(size=(2, width, H)).astype(np.float32))
+        got = m.decode_rows(ours, slice(0, 2), sub, soft, idx)
+        want = CachePasses.decode_rows(m, core, slice(0, 2), sub, soft, idx)
+        assert got.shape == (2, width, H)
+        assert rel(got, want) < 1e-6, width
+        span = int(core.layout.length.max()) + C
+        for a, b in zip(ours.key_buffers + ours.value_buffers, core.key_buffers + core.value_buffers):
+            n = min(span, b.shape[2])
+            assert rel(a[:2, :, :n], b[:2, :, :n]) < 1e-6
+    assert m.decoder_traces == 1  # the three widths share a bucket (the exact passes ran uncompiled)
 
 
 # -- input errors ---------------------------------------------------------------------------------------------------
