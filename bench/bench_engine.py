@@ -282,6 +282,7 @@ def child_memory(spec: dict) -> dict:
             engine.step()
             if engine.rows and any(r.live for r in engine.rows):  # between two passes of the canvas
                 kept.append(held_arrays({"rows": engine.rows, "batch": engine._batch, "events": engine.events}))
+                out["workspace_bytes"] = workspace_bytes(backend)
     else:
         from dgemma.scheduler import run_blocks
 
@@ -299,10 +300,13 @@ def child_memory(spec: dict) -> dict:
         entry = by_label.setdefault(re.sub(r"\[\d+\]", "[*]", name), [list(shape), dtype, 0])
         entry[2] += nbytes
     out["kept"] = dict(sorted(by_label.items(), key=lambda x: -x[1][2]))
-    # The backend's own vocabulary-sized buffers, kept between passes for the whole batch (not per request).
-    workspace = getattr(getattr(backend.ops, "workspace", None), "_buffers", {})
-    out["workspace_bytes"] = sum(b.untyped_storage().nbytes() for b in workspace.values())
     return out
+
+
+def workspace_bytes(backend) -> int:
+    """The backend's own vocabulary-sized buffers, kept between passes for the whole batch (not per request)."""
+    workspace = getattr(getattr(backend.ops, "workspace", None), "_buffers", {})
+    return sum(b.untyped_storage().nbytes() for b in workspace.values())
 
 
 def child_cache(spec: dict) -> dict:
