@@ -23,7 +23,8 @@ from reference import Oracle, injected_noise, load_reference, make_checkpoint, p
 from dgemma.backends.cuda.backend import TorchOps  # noqa: E402
 from dgemma.backends.mlx import MLXBackend, quantize_model  # noqa: E402
 from dgemma.backends.mlx.backend import MLXOps  # noqa: E402
-from dgemma.backends.mlx.model import DiffusionGemmaText, QuantizedSwitchLinear, span_bucket  # noqa: E402
+from dgemma.backends.mlx.model import DiffusionGemmaText, QuantizedSwitchLinear  # noqa: E402
+from dgemma.kvlayout import span_bucket  # noqa: E402
 from dgemma.passes import CachePasses  # noqa: E402
 
 

@@ -24,7 +24,7 @@ import mlx.nn as nn
 import numpy as np
 
 from dgemma.config import LayerSpec, ModelConfig
-from dgemma.kvlayout import RowLayout, decode_layout, extend_layout
+from dgemma.kvlayout import RowLayout, decode_layout, extend_layout, span_bucket, width_bucket
 from dgemma.passes import CachePasses
 
 NORM_NAMES = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
@@ -510,20 +510,6 @@ class DiffusionGemmaText(CachePasses, nn.Module):
 
         x = self.run_layers(x, tables, layer_kv, "layer_scalar", keys_only_last=False)
         return self.logits(self.norm(x))
-
-
-def span_bucket(n: int, floor: int = 64) -> int:
-    """n rounded up to a multiple of `floor`, or of an eighth of the power of two below it: eight sizes per octave,
-    less than max(floor, n / 8) more than n (the shapes a decoder pass is traced at as the cache grows). Coarser
-    buckets retrace less but read more: with four per octave a canvas-256 fast pass on mlx[cpu] ran ~15% slower than
-    the uncompiled one (up to a quarter more keys, masked); a retrace costs about one pass."""
-    step = max(floor, 1 << max(0, n.bit_length() - 4))
-    return -(-n // step) * step
-
-
-def width_bucket(width: int, canvas: int) -> int:
-    """A fast pass's forwarded width rounded up to a bucket (multiples of 8 up to 128, then eight per octave)."""
-    return min(canvas, span_bucket(width, 8))
 
 
 def _read_mask(mask: np.ndarray | None, span: int, read: int, rows: int):
