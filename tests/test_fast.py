@@ -83,3 +83,44 @@ def test_fast_mode_refuses_structured_output(tiny_ckpt):
         model.generate([5, 6, 7], seed=0, speed="turbo", **KW)
     with pytest.raises(ValueError, match="fast policy"):
         FastPolicy(freeze_after=0)
+
+
+def test_a_batch_runs_rows_of_different_widths_in_passes_of_their_own(sudoku):
+    """An exact-mode row needs every position at every pass; beside it, fast rows' frozen positions would be
+    forwarded as padding. Once six fast rows save more than a pass costs (~130 positions on a CPU), the engine runs
+    them in a pass of their own; the exact row's tokens are those it gets alone, and with an infinite pass cost (a
+    GPU) the batch keeps one pass."""
+    from dgemma.engine import Engine, Request
+
+    puzzle, _ = held_out_puzzles("hard", 1)[0]
+    settings = sudoku.settings(max_denoising_steps=16)
+    alone = sudoku.generate(encode_prompt(puzzle), seed=3, max_denoising_steps=16).raw_token_ids
+    C = sudoku.config.canvas_length
+    original = sudoku.backend.denoise_hidden
+    for cost, split in ((sudoku.backend.pass_cost_tokens, True), (float("inf"), False)):
+        calls: list[list[tuple[int, int]]] = []
+        engine = Engine(sudoku.backend)
+
+        def spy(cache, canvas, *a, rows=None, **k):
+            calls[-1].append((rows.stop - rows.start, canvas.shape[1]))
+            return original(cache, canvas, *a, rows=rows, **k)
+
+        exact, *fast = engine.submit_group([Request(encode_prompt(puzzle), settings, seed=3)] + [
+            Request(encode_prompt(puzzle), settings, seed=4 + i, speed="fast", fast=FastPolicy(freeze_after=1))
+            for i in range(6)])
+        sudoku.backend.denoise_hidden, sudoku.backend.pass_cost_tokens = spy, cost
+        try:
+            while engine.busy:
+                calls.append([])
+                engine.step()
+        finally:
+            sudoku.backend.denoise_hidden = original
+            del sudoku.backend.pass_cost_tokens  # back to the class's value
+        two = [c for c in calls if len(c) == 2]
+        if split:
+            assert two and all(c[0][1] == C and c[1][1] < C and c[0][0] + c[1][0] == 7 for c in two), calls
+            assert (1, C) in (c[0] for c in two)
+        else:
+            assert all(len(c) <= 1 for c in calls), calls
+        assert exact.result.raw_token_ids == alone
+        assert all(len(decode_board(h.result.token_ids)) == 81 for h in fast)

@@ -185,6 +185,8 @@ class TorchBackend(Backend):
         self.model = model.eval()
         self.ops = TorchOps(self.device)
         self.pass_width = max(self.config.canvas_length, self.prefill_chunk)
+        if self.device.type != "cpu":
+            self.pass_cost_tokens = float("inf")  # a GPU pass streams all the weights: fast mode keeps one per batch
 
     def _load_weights(self, model: DiffusionGemmaText, progress: bool) -> None:
         ckpt = self.checkpoint

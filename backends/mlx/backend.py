@@ -206,6 +206,8 @@ class MLXBackend(Backend):
         self.model.eval()
         self.ops = MLXOps()
         self.pass_width = max(self.config.canvas_length, self.prefill_chunk)
+        if getattr(self.device, "type", self.device) != mx.DeviceType.cpu:  # a Device or a DeviceType
+            self.pass_cost_tokens = float("inf")  # Metal streams all the weights per pass: one pass per batch
 
     # -- weights -------------------------------------------------------------------------------------------------------
     def _read(self, progress: bool) -> dict:
