@@ -113,7 +113,7 @@ def test_scripted_noise_is_order_free():
 
 
 # -- the PyTorch backend's chunked sampler (backends/cuda/sampling.py): the same step in fewer passes ----------------
-from backends.cuda.sampling import ChunkedSampler  # noqa: E402
+from backends.cuda.sampling import ChunkedSampler, logsumexp  # noqa: E402
 from dgemma.sampler import step_with_temperature  # noqa: E402
 
 
@@ -166,3 +166,9 @@ def test_engine_reuses_the_vocabulary_buffers_between_passes_and_frees_them_when
     assert len(seen) >= 3 and {"logits", "probs", "chunk"} <= set(seen[1]) and all(s == seen[1] for s in seen[2:])
     assert seen[1]["returned"] == seen[1]["logits"]
     assert model.backend.ops.workspace._buffers == {}
+
+
+def test_logsumexp_with_scratch_is_torchs_bit_for_bit():
+    x = logits_batch(2, V=1000).reshape(-1, 1000)
+    x[0, 3], x[1], x[2, :10] = float("inf"), float("-inf"), float("-inf")
+    assert torch.equal(logsumexp(x, torch.empty_like(x)), torch.logsumexp(x, -1, keepdim=True))

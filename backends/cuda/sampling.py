@@ -32,6 +32,14 @@ def inverse_cdf(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
+def logsumexp(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """torch.logsumexp(x, -1, keepdim=True) bit for bit (its own steps: max, inf maxima zeroed, exp of the shifted
+    values, sum, log, add), with the shifted values in `scratch` instead of a fresh array per call."""
+    top = x.amax(-1, keepdim=True)
+    top.masked_fill_(top.abs() == float("inf"), 0.0)
+    return torch.sub(x, top, out=scratch).exp_().sum(-1, keepdim=True).log_().add_(top)
+
+
 class Workspace:
     """Flat buffers kept between passes, one per role, grown on demand and viewed at the shape asked: a fresh 268 MB
     array (logits or probs at V = 262144, C = 256) costs its page faults again on every pass (measured here: 126 ms to
@@ -98,7 +106,7 @@ class ChunkedSampler:
         one row at a time, so every value is bit for bit the op-by-op step's; `work` ends as clamped log-probs."""
         torch.div(logits, t, out=work)
         argmax = self._first_max(work, probs)
-        work.sub_(torch.logsumexp(work, -1, keepdim=True))
+        work.sub_(logsumexp(work, probs))
         torch.softmax(work, -1, out=probs)
         return work.clamp_(min=FLOAT32_MIN).mul_(probs).sum(-1).neg_(), argmax
 
