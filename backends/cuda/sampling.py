@@ -96,8 +96,8 @@ class ChunkedSampler:
             b = min(a + rows, N)
             t = temps if not torch.is_tensor(temps) else temps[a:b]
             entropy[a:b], argmax[a:b] = self._softmax_chunk(x[a:b], t, work[: b - a], probs[a:b])
-            # The cumsum goes through the chunk's buffer, in the row's order: the reference's CDF bit for bit (at
-            # V = 32768 a CDF summed in any other order moves by a third of a flat row's token width).
+            # The cumsum goes through the chunk's buffer, in the row's order: the reference's CDF bit for bit, so
+            # the token drawn is the reference's for every uniform, those at a CDF boundary included.
             sampled[a:b] = inverse_cdf(torch.cumsum(probs[a:b], -1, out=work[: b - a]), uniforms[a:b])
         return entropy, argmax, sampled
 
