@@ -131,7 +131,7 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """Packed experts: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I].
 
-    Tokens are sorted by expert once, so each expert runs one matmul on a contiguous slice (grouped work). On CUDA
+    Tokens are sorted by expert once, so each expert runs one matmul over all of its tokens (grouped work). On CUDA
     with bf16, `torch._grouped_mm` runs all experts in one kernel when it is available (checked at first use).
     """
 
@@ -153,27 +153,47 @@ class Experts(nn.Module):
         k = idx.shape[1]
         flat = idx.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        xs = x.index_select(0, order // k)
         counts = torch.bincount(flat, minlength=self.num_experts)
-        if self.dense and _grouped_mm_ok(xs):
-            ys = _grouped_experts(xs, counts, self.gate_up_proj, self.down_proj)
+        if self.dense and _grouped_mm_ok(x):
+            ys = _grouped_experts(x.index_select(0, order // k), counts, self.gate_up_proj, self.down_proj)
+            unsorted = torch.empty_like(ys).index_copy_(0, order, ys)
+        elif torch.is_grad_enabled():
+            unsorted = self._loop_for_autograd(x, order, k, counts)
         else:
-            # split + cat rather than slice reads and slice writes: under autograd every slice's backward fills a
-            # zero tensor the size of all of xs, one per expert, which cost training on CPU a fifth of its time.
-            outs = []
-            for e, xe in enumerate(torch.split(xs, counts.tolist())):
-                if xe.shape[0] == 0:
-                    outs.append(xe)  # an expert no token chose is never touched (nor dequantized)
-                    continue
-                gate_up, down = self.expert(e, x.dtype)
-                gate, up = F.linear(xe, gate_up).chunk(2, dim=-1)
-                outs.append(F.linear(gated_gelu(gate, up), down))
-            ys = torch.cat(outs)
-        # Back to (token, slot) order and a weighted sum over the k slots in one batched matmul: much faster than
-        # index_add_ (a scatter) on CPU, and deterministic on GPU.
-        unsorted = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, H)
-        out = torch.bmm(weights.to(torch.float32).unsqueeze(1), unsorted.float()).squeeze(1)
+            unsorted = self._loop_in_place(x, order, k, counts)
+        # A weighted sum over the k slots, (token, slot) order, in one batched matmul: much faster than index_add_
+        # (a scatter) on CPU, and deterministic on GPU.
+        out = torch.bmm(weights.to(torch.float32).unsqueeze(1), unsorted.view(N, k, H).float()).squeeze(1)
         return out.to(x.dtype)
+
+    def _expert_mlp(self, e: int, xe):
+        gate_up, down = self.expert(e, xe.dtype)
+        gate, up = F.linear(xe, gate_up).chunk(2, dim=-1)
+        return F.linear(gated_gelu(gate, up), down)
+
+    def _loop_for_autograd(self, x, order, k, counts):
+        """Tokens sorted by expert, one matmul per expert on its contiguous slice, split + cat rather than slice
+        reads and writes: under autograd every slice's backward fills a zero tensor the size of all of xs, one per
+        expert, which cost training on CPU a fifth of its time."""
+        xs = x.index_select(0, order // k)
+        outs = []
+        for e, xe in enumerate(torch.split(xs, counts.tolist())):
+            outs.append(xe if xe.shape[0] == 0 else self._expert_mlp(e, xe))  # an unused expert is never touched
+        return torch.empty_like(xs).index_copy_(0, order, torch.cat(outs))
+
+    def _loop_in_place(self, x, order, k, counts):
+        """The same matmuls (bit for bit) without autograd: each expert gathers its own tokens and writes its rows
+        straight into (token, slot) order, so no [N * k, H] sorted copy and no concatenation are made (8-15% of the
+        experts' time on CPU)."""
+        tokens = order // k
+        unsorted = x.new_empty(order.shape[0], x.shape[1])
+        start = 0
+        for e, c in enumerate(counts.tolist()):
+            if c:
+                rows = slice(start, start + c)
+                unsorted.index_copy_(0, order[rows], self._expert_mlp(e, x.index_select(0, tokens[rows])))
+            start += c
+        return unsorted
 
 
 _GROUPED_MM_STATE: dict = {}
