@@ -179,21 +179,24 @@ class Experts(nn.Module):
         outs = []
         for e, xe in enumerate(torch.split(xs, counts.tolist())):
             outs.append(xe if xe.shape[0] == 0 else self._expert_mlp(e, xe))  # an unused expert is never touched
-        return torch.empty_like(xs).index_copy_(0, order, torch.cat(outs))
+        ys = torch.cat(outs)
+        return torch.empty_like(ys).index_copy_(0, order, ys)
 
     def _loop_in_place(self, x, order, k, counts):
         """The same matmuls (bit for bit) without autograd: each expert gathers its own tokens and writes its rows
         straight into (token, slot) order, so no [N * k, H] sorted copy and no concatenation are made (8-15% of the
         experts' time on CPU)."""
         tokens = order // k
-        unsorted = x.new_empty(order.shape[0], x.shape[1])
-        start = 0
+        unsorted, start = None, 0
         for e, c in enumerate(counts.tolist()):
             if c:
                 rows = slice(start, start + c)
-                unsorted.index_copy_(0, order[rows], self._expert_mlp(e, x.index_select(0, tokens[rows])))
+                y = self._expert_mlp(e, x.index_select(0, tokens[rows]))
+                if unsorted is None:  # the experts' dtype, which autocast may make other than x's
+                    unsorted = y.new_empty(order.shape[0], y.shape[1])
+                unsorted.index_copy_(0, order[rows], y)
             start += c
-        return unsorted
+        return x.new_empty(0, x.shape[1]) if unsorted is None else unsorted
 
 
 _GROUPED_MM_STATE: dict = {}
