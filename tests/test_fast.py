@@ -85,13 +85,15 @@ def test_fast_mode_refuses_structured_output(tiny_ckpt):
         FastPolicy(freeze_after=0)
 
 
-def test_a_batch_runs_rows_of_different_widths_in_passes_of_their_own(sudoku):
+@pytest.mark.parametrize("backend", ["cuda", pytest.param("mlx", marks=pytest.mark.slow)])  # MLX: 25 s of traces
+def test_a_batch_runs_rows_of_different_widths_in_passes_of_their_own(backend):
     """An exact-mode row needs every position at every pass; beside it, fast rows' frozen positions would be
     forwarded as padding. Once six fast rows save more than a pass costs (~130 positions on a CPU), the engine runs
     them in a pass of their own; the exact row's tokens are those it gets alone, and with an infinite pass cost (a
     GPU) the batch keeps one pass."""
     from dgemma.engine import Engine, Request
 
+    sudoku = dgemma.load(None, backend=backend)
     puzzle, _ = held_out_puzzles("hard", 1)[0]
     settings = sudoku.settings(max_denoising_steps=16)
     alone = sudoku.generate(encode_prompt(puzzle), seed=3, max_denoising_steps=16).raw_token_ids
