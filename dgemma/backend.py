@@ -56,7 +56,8 @@ class ArrayOps:
         """Compute these now (a lazy framework evaluates them, so a tile's temporaries are freed before the next
         tile's are made); eager frameworks have nothing to do."""
     # The whole sampler step in one call, where a backend has a faster form than the op-by-op program
-    # (sampler.step_with_temperature): MLX one compiled graph, PyTorch cache-sized chunks with one exp per element.
+    # (sampler.step_with_temperature): MLX one compiled graph, PyTorch the same program a cache-sized chunk of
+    # positions at a time in kept buffers.
     # Called as fused_step(logits, canvas, t, bound, uniforms, renoise, reuse=bool); with reuse the returned probs may
     # live in a buffer the next call overwrites.
     fused_step = None

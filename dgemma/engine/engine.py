@@ -392,8 +392,7 @@ class Engine:
         """The outputs of several passes over consecutive runs of rows, as one pass over all of them."""
         outs = [o for o, _ in parts]
         merged = {k: self._concat([o[k] for o in outs]) for k in ("canvas", "argmax", "soft", "accepted")}
-        merged["entropy"] = np.concatenate([np.asarray(self.ops.to_numpy(o["entropy"]) if not isinstance(
-            o["entropy"], np.ndarray) else o["entropy"], dtype=np.float64).reshape(-1) for o in outs])
+        merged["entropy"] = np.concatenate([self._host_entropy(o["entropy"]) for o in outs])
         merged["partial"] = np.concatenate([o["partial"] for o in outs])
         merged["candidates"] = {g.start + j: c for g, o in zip(groups, outs) for j, c in o["candidates"].items()}
         return merged, self._concat([f for _, f in parts])
@@ -621,9 +620,7 @@ class Engine:
     def _after_pass(self, span: slice, rows: list[Row], out: dict, fresh) -> None:
         ops = self.ops
         canvas, argmax = out["canvas"], out["argmax"]
-        entropy = out["entropy"]
-        entropy = (entropy if isinstance(entropy, np.ndarray) else
-                   np.asarray(ops.to_numpy(entropy), dtype=np.float64)).reshape(-1)
+        entropy = self._host_entropy(out["entropy"])
         same = self._same_as_before(rows, argmax)
         stop = np.zeros(len(rows), bool)
         for j, r in enumerate(rows):
@@ -649,6 +646,12 @@ class Engine:
                 r.live = False
         self._report_pass(rows, argmax, out["accepted"], host_argmax)
         self._batch = (span, list(rows), canvas, out["soft"])
+
+    def _host_entropy(self, entropy) -> np.ndarray:
+        """A pass's mean entropies [k] on the host (fast mode's bookkeeping has already brought them there)."""
+        if not isinstance(entropy, np.ndarray):
+            entropy = np.asarray(self.ops.to_numpy(entropy), dtype=np.float64)
+        return entropy.reshape(-1)
 
     def _same_as_before(self, rows: list[Row], argmax) -> np.ndarray:
         """Per row: whether this pass's argmax canvas equals the previous pass's (of the same round)."""
